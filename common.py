@@ -1,0 +1,889 @@
+"""
+Shared code for traps-and-guards: config and I/O, models, tasks and grading, generation,
+log-probs and KL, RL math, metrics. Every stage imports this file; nothing here does I/O
+inside the math functions, and every formula has a test in tests/test_common.py.
+
+Shape suffixes in comments: B batch, T time (tokens), V vocabulary, N flattened positions,
+G group size, P prompts.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config and I/O
+
+
+def die(msg):
+    """One clear line naming the problem and the fix, then exit(2). Nothing half-written."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_args(parser, argv=None):
+    """argparse with the project's conventions: unknown flags are an error with a hint."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = sorted(a for act in parser._actions for a in act.option_strings if a.startswith("--"))
+        die(f"unknown option(s) {' '.join(unknown)}; known options: {' '.join(known)}")
+    return args
+
+
+def csv_list(s):
+    """'a,b , c' -> ['a', 'b', 'c'] (argparse type for comma lists)."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def atomic_write_text(path, text):
+    """Write to a temp file next to `path`, then rename: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_jsonl(path, rows):
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def append_jsonl(path, row):
+    """metrics.jsonl: one line per step, flushed so `tail -f` and a crash both see it."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=_json_default) + "\n")
+        f.flush()
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def write_config(out_dir, args):
+    """The resolved config goes to out_dir/config.json before any work starts."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    atomic_write_json(os.path.join(out_dir, "config.json"), cfg)
+    return cfg
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Everything needed to continue a run bit-for-bit (saved in checkpoints)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fmt_secs(s):
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def progress(done, total, t0, what="", unit="it", extra=""):
+    """One overwritten line with rate and ETA: `what 12/200 | 3.4 it/s | eta 55.1s`."""
+    el = time.time() - t0
+    rate = done / el if el > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    line = f"\r{what} {done}/{total} | {rate:.2f} {unit}/s | eta {fmt_secs(eta) if rate > 0 else '?'}"
+    if extra:
+        line += f" | {extra}"
+    end = "\n" if done >= total else ""
+    print(line, end=end, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_dtype(device):
+    """bf16 on CUDA; fp32 on CPU, where bf16 matmuls are several times slower."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _not_found(name_or_path, err):
+    if os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        return f"cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); is it a Hugging Face folder with config.json?"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    return (f"model '{name_or_path}' is not a local folder and could not be fetched from the hub"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ' (offline machine or wrong id?)'}; "
+            f"pass a local folder, e.g. runs/toy/00_toy_world/teacher, or download it first with `hf download {name_or_path}`")
+
+
+def load_tokenizer(name_or_path, padding_side="left"):
+    """Left padding so generation continues right after each prompt; pad falls back to eos."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        die(_not_found(name_or_path, e))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(name_or_path, device="auto", dtype=None, trainable=False):
+    """A causal LM in eval mode (or train mode if trainable) on `device` with the default dtype."""
+    from transformers import AutoModelForCausalLM
+    device = get_device(device) if isinstance(device, str) else device
+    dtype = dtype or default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        die(_not_found(name_or_path, e))
+    model.to(device)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# tasks: registry, loaders, prompts, answer extraction, grading (DESIGN 5)
+
+MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer on a last line of the form '#### <answer>'."
+MC_INSTRUCTION = "Answer the multiple-choice question. End with 'The answer is (X)' where X is the letter of your choice."
+LETTERS = "ABCDEFGHIJKLMNOP"
+
+# kind: math (numeric answer), mc (letter), open (reward model). hub: (dataset id, config, split map).
+# The real-task column maps say how a hub row becomes {prompt, answer, choices}; a local jsonl/parquet
+# file must already have those columns.
+TASKS = {
+    "toy_math": {"kind": "math", "toy": True},
+    "toy_qa": {"kind": "mc", "toy": True},
+    "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}},
+    "bigmath_l4": {"kind": "math", "hub": ("SynthLabsAI/Big-Math-RL-Verified", None), "splits": {"train": "train", "test": "train"}, "level": 4},
+    "bigmath_l5": {"kind": "math", "hub": ("SynthLabsAI/Big-Math-RL-Verified", None), "splits": {"train": "train", "test": "train"}, "level": 5},
+    "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}},
+    "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}},
+    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}},
+    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}},
+    "vicuna": {"kind": "open", "hub": ("lmsys/vicuna_eval", None), "splits": {"train": "test", "test": "test"}},
+    "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic"},
+}
+
+
+def task_kind(task):
+    if task not in TASKS:
+        die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    return TASKS[task]["kind"]
+
+
+def _hub_row(task, r):
+    """Map one hub row of a real task to {prompt, answer, choices?, meta} (None to drop the row)."""
+    if task == "gsm8k":
+        return {"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", "")}
+    if task.startswith("bigmath"):
+        if "level" in r and r["level"] is not None and int(r["level"]) != TASKS[task]["level"]:
+            return None
+        return {"prompt": r["problem"], "answer": str(r["answer"])}
+    if task == "csqa":
+        return {"prompt": r["question"], "choices": list(r["choices"]["text"]), "answer": r["answerKey"]}
+    if task == "mmlu_pro":
+        return {"prompt": r["question"], "choices": list(r["options"]), "answer": r["answer"]}
+    if task == "supergpqa":
+        return {"prompt": r["question"], "choices": list(r["options"]), "answer": r["answer_letter"]}
+    if task == "dolly":
+        ctx = f"\n\n{r['context']}" if r.get("context") else ""
+        return {"prompt": r["instruction"] + ctx, "answer": r["response"]}
+    if task == "vicuna":
+        return {"prompt": r.get("text") or r.get("prompt") or r["turns"][0], "answer": ""}
+    raise KeyError(task)
+
+
+def _check_rows(rows, where):
+    if not rows:
+        die(f"no rows in {where}; check the path/split, or rebuild the toy world with `python 00_toy_world.py --out_dir D`")
+    for col in ("prompt", "answer"):
+        if col not in rows[0]:
+            die(f"{where} has no '{col}' column (it has {sorted(rows[0])}); rows need prompt, answer and optional choices")
+    return rows
+
+
+def load_task(task, split="test", data=None, n=None, seed=0):
+    """Rows [{prompt, answer, choices?, meta?}].
+    data: for toy tasks the toy world's data folder (D/data); for real tasks a local .jsonl/.parquet
+    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only).
+    n: keep the first n rows after a seeded shuffle (same n, same seed -> same prompts)."""
+    spec = TASKS.get(task) or die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    if data and os.path.isdir(data):
+        path = os.path.join(data, task, f"{split}.jsonl")
+        if not os.path.exists(path):
+            die(f"missing {path}; for toy tasks pass --data <toy world>/data (made by 00_toy_world.py)")
+        rows = read_jsonl(path)
+    elif data and data.endswith(".jsonl"):
+        rows = read_jsonl(data)
+    elif data and data.endswith(".parquet"):
+        import datasets
+        rows = list(datasets.load_dataset("parquet", data_files=data, split="train"))
+    elif data:
+        die(f"--data {data}: not a folder, .jsonl or .parquet file")
+    elif spec.get("toy"):
+        die(f"task {task} needs --data <toy world>/data; make it with `python 00_toy_world.py --out_dir D`")
+    elif spec.get("gym"):
+        rows = _gym_rows(spec["gym"], split, n or 200, seed)
+    else:
+        import datasets
+        name, config = spec["hub"]
+        try:
+            ds = datasets.load_dataset(name, config, split=spec["splits"][split])
+        except Exception as e:  # the datasets library raises many types when offline
+            die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> with columns prompt, answer[, choices]")
+        rows = [x for x in (_hub_row(task, r) for r in ds) if x is not None]
+    rows = _check_rows(rows, data or task)
+    if n is not None and n < len(rows):
+        idx = np.random.default_rng(seed).permutation(len(rows))[:n]
+        rows = [rows[i] for i in sorted(idx)]
+    return rows
+
+
+def _gym_rows(name, split, n, seed):
+    """GSM-style problems made offline by reasoning-gym (optional dependency)."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        die("task gsm_symbolic needs the optional package reasoning-gym: pip install reasoning-gym")
+    ds = reasoning_gym.create_dataset(name, size=n, seed=seed + (0 if split == "train" else 10_000))
+    return [{"prompt": x["question"], "answer": str(x["answer"])} for x in ds]
+
+
+def format_question(task, row):
+    """The user message: toy prompts verbatim (the toy world trained on them), real ones with
+    choices and the answer-format instruction the graders rely on."""
+    if TASKS[task].get("toy"):
+        return row["prompt"]
+    kind = task_kind(task)
+    if kind == "mc":
+        opts = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(row["choices"]))
+        return f"{row['prompt']}\n{opts}\n\n{MC_INSTRUCTION}"
+    if kind == "math":
+        return f"{row['prompt']}\n\n{MATH_INSTRUCTION}"
+    return row["prompt"]
+
+
+def build_prompt(tokenizer, task, row):
+    """Prompt text: the chat template when the tokenizer has one, plain text otherwise."""
+    q = format_question(task, row)
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": q}]
+        try:  # Qwen3: thinking off keeps completions within max_new_tokens; other templates ignore it
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        except TypeError:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return f"Question: {q}\nAnswer:"
+
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+
+
+def _boxed(text):
+    """Content of the last \\boxed{...}, braces balanced."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth, k = 0, j
+    while k < len(text):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+        k += 1
+    return None
+
+
+def extract_answer(task, text):
+    """The final answer as a string, or None. math: after the last '####', else the last \\boxed{},
+    else 'the answer is X', else the last number. mc: the letter of 'the answer is (C)' / '(C)' /
+    '#### C' / a lone letter at the end. open: the stripped text."""
+    kind = task_kind(task)
+    if kind == "open":
+        return text.strip()
+    if kind == "mc":
+        pats = [r"answer is\s*:?\s*\(?([A-P])\)?(?![A-Za-z])", r"####\s*\(?([A-P])\)?", r"\\boxed\{\(?([A-P])\)?\}",
+                r"^\s*\(?([A-P])\)?[.)]?\s*$"]
+        for p in pats:
+            m = re.findall(p, text, flags=re.M)
+            if m:
+                return m[-1].upper()
+        return None
+    cands = []
+    if "####" in text:
+        cands.append(text.rsplit("####", 1)[1].strip().splitlines()[0] if text.rsplit("####", 1)[1].strip() else "")
+    b = _boxed(text)
+    if b is not None:
+        cands.append(b)
+    m = re.findall(r"answer is\s*:?\s*\$?(" + _NUM + ")", text, flags=re.I)
+    if m:
+        cands.append(m[-1])
+    for c in cands:
+        v = normalize_number(c)
+        if v is not None:
+            return v
+    nums = re.findall(_NUM, text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def normalize_number(s):
+    """'1,234.50 dollars' -> '1234.5'; '\\frac{3}{4}' and '3/4' -> '3/4'; None if no number."""
+    if s is None:
+        return None
+    s = s.replace("\\!", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}", r"\1/\2", s)
+    m = re.search(_NUM, s)
+    if not m:
+        return None
+    tok = m.group(0).replace(",", "").replace(" ", "")
+    try:
+        v = Fraction(tok)
+    except (ValueError, ZeroDivisionError):
+        return None
+    if v.denominator == 1:
+        return str(v.numerator)
+    f = float(v)
+    return f"{v.numerator}/{v.denominator}" if "/" in tok else repr(round(f, 6)).rstrip("0").rstrip(".")
+
+
+def _same_number(a, b):
+    try:
+        return abs(float(Fraction(a)) - float(Fraction(b))) <= 1e-6 * max(1.0, abs(float(Fraction(b))))
+    except (ValueError, ZeroDivisionError, TypeError):
+        return False
+
+
+def grade(task, text, row):
+    """True if the completion's final answer matches row['answer']. For mc the answer may be a
+    letter or the option text. Open-ended tasks have no grader (use a reward model): None."""
+    kind = task_kind(task)
+    if kind == "open":
+        return None
+    pred = extract_answer(task, text)
+    if pred is None:
+        return False
+    if kind == "mc":
+        gold = str(row["answer"]).strip()
+        if len(gold) != 1 and row.get("choices"):
+            gold = LETTERS[[c.strip() for c in row["choices"]].index(gold)]
+        return pred == gold.upper()
+    gold = normalize_number(str(row["answer"]))
+    return gold is not None and _same_number(pred, gold)
+
+
+# -----------------------------------------------------------------------------
+# generation (DESIGN 6)
+
+
+def vllm_available():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import vllm  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend):
+    """'auto' -> vllm on CUDA with vllm installed, else hf. 'vllm' without them is an error."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if backend == "vllm" and not vllm_available():
+        die("--backend vllm needs CUDA and the vllm package (pip install -r requirements-gpu.txt); use --backend hf on CPU")
+    if backend not in ("hf", "vllm"):
+        die(f"--backend {backend}: choose hf, vllm or auto")
+    return backend
+
+
+def make_vllm_engine(path, seed=0, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16, max_model_len=4096):
+    """A colocated vLLM engine (imported lazily; never needed on CPU). Sleep mode lets the training
+    step reclaim the KV-cache memory between generations."""
+    from vllm import LLM
+    return LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
+               max_lora_rank=max_lora_rank, max_model_len=max_model_len, enable_sleep_mode=True, dtype="bfloat16")
+
+
+def _worker_load_weights(worker, weights):
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+def vllm_sync_weights(engine, model):
+    """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
+    vLLM's load_weights takes (name, tensor) pairs in HF naming. Not exercised on CPU."""
+    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+    engine.collective_rpc(_worker_load_weights, args=(weights,))
+
+
+@torch.no_grad()
+def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy):
+    """Batched sampling with a KV cache. Each prompt is prefilled once and its cache repeated n
+    times (not n prefills). Left padding with explicit position ids so every row starts its
+    completion at its own length. Returns completion ids (B*n, <=max_new_tokens) and lengths."""
+    dev = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
+    ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
+    pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
+    cache = out.past_key_values
+    logits = out.logits[:, -1, :].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        mask_BT = mask_BT.repeat_interleave(n, 0)
+        pos_BT = pos_BT.repeat_interleave(n, 0)
+    eos = _eos_ids(tokenizer, model)
+    B = logits.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    next_pos = pos_BT[:, -1:] + 1
+    toks = []
+    for _ in range(max_new_tokens):
+        if greedy or temperature == 0:
+            tok = logits.argmax(-1)
+        else:  # unbiased sampling: temperature only, no top-k/top-p (paper 4.1)
+            tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, tokenizer.pad_token_id), tok)
+        toks.append(tok)
+        done |= torch.isin(tok, eos)
+        if done.all():
+            break
+        mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)  # finished rows keep padding
+        out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :].float(), next_pos + 1
+    ids = torch.stack(toks, 1) if toks else torch.zeros(B, 0, dtype=torch.long, device=dev)
+    # length = up to and including the first eos (the eos is part of the completion: it is sampled)
+    is_eos = torch.isin(ids, eos)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((B,), ids.shape[1], device=dev))
+    return ids.cpu(), first.cpu(), is_eos.any(1).cpu()
+
+
+def _eos_ids(tokenizer, model):
+    ids = {tokenizer.eos_token_id}
+    gc = getattr(model, "generation_config", None)
+    e = getattr(gc, "eos_token_id", None) if gc is not None else None
+    ids |= set(e if isinstance(e, (list, tuple)) else [e])
+    ids.discard(None)
+    return torch.tensor(sorted(ids), device=next(model.parameters()).device)
+
+
+def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0, greedy=False, seed=0,
+             batch_size=64, backend="hf", engine=None, lora_request=None, show=None):
+    """Sample n completions per prompt. Returns a flat list, prompt-major (prompt i's samples at
+    i*n .. i*n+n-1), of {"i": prompt index, "text", "ids": completion token ids (eos included if
+    sampled), "finished": ended with eos}. Seeds: batch b of the hf backend uses seed + b, vLLM uses
+    a per-request seed, so a run is reproducible and different seeds give different samples."""
+    if backend == "vllm":
+        return _vllm_generate(engine, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
+    was_training = model.training
+    model.eval()
+    res = []
+    per = max(1, batch_size // n)
+    t0 = time.time()
+    for b, s in enumerate(range(0, len(prompts), per)):
+        torch.manual_seed(seed * 100_003 + b)
+        chunk = prompts[s:s + per]
+        ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy)
+        for r in range(ids.shape[0]):
+            c = ids[r, :lens[r]].tolist()
+            res.append({"i": s + r // n, "text": tokenizer.decode(c, skip_special_tokens=True), "ids": c, "finished": bool(fin[r])})
+        if show:
+            progress(min(s + per, len(prompts)), len(prompts), t0, show, "prompts")
+    model.train(was_training)
+    return res
+
+
+def _vllm_generate(engine, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
+    from vllm import SamplingParams
+    if engine is None:
+        die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
+    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=1.0,
+                          top_k=-1 if not greedy else 1, seed=seed * 100_003 + i) for i in range(len(prompts))]
+    outs = engine.generate(prompts, sps, lora_request=lora_request, use_tqdm=False)
+    res = []
+    for i, o in enumerate(outs):
+        for c in o.outputs:
+            res.append({"i": i, "text": c.text, "ids": list(c.token_ids), "finished": c.finish_reason == "stop"})
+    return res
+
+
+# -----------------------------------------------------------------------------
+# batching for scoring: prompt + completion, right-padded
+
+
+def make_batch(tokenizer, prompt_texts, completion_ids, device="cpu"):
+    """Concatenate each prompt's ids with its completion ids, right-pad. Returns input_ids (B, L),
+    attention_mask (B, L) and completion_mask (B, L), where completion_mask[b, t] = 1 if token t is
+    a completion token (it is predicted from position t-1)."""
+    rows, cmask = [], []
+    for p, c in zip(prompt_texts, completion_ids):
+        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+        rows.append(pi + list(c))
+        cmask.append([0] * len(pi) + [1] * len(c))
+    L = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
+    am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
+    cm = torch.tensor([m + [0] * (L - len(m)) for m in cmask], device=device)
+    return ids, am, cm
+
+
+def make_text_batch(tokenizer, prompt_texts, completion_texts, eos=True, device="cpu"):
+    """Cross-tokenizer scoring: each model tokenizes the same prompt and completion text its own
+    way (paper Eq. 11). The completion gets the model's eos when the sample ended with one."""
+    eos = [eos] * len(prompt_texts) if isinstance(eos, bool) else eos
+    comp = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if e else [])
+            for t, e in zip(completion_texts, eos)]
+    return make_batch(tokenizer, prompt_texts, comp, device)
+
+
+# -----------------------------------------------------------------------------
+# log-probs and KL (DESIGN 4)
+
+
+def _base_and_head(model):
+    """The transformer trunk (returns hidden states) and the output projection, so logits can be
+    formed chunk by chunk instead of as one (B, L, V) tensor."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return base, model.get_output_embeddings()
+
+
+def completion_hidden(model, input_ids, attention_mask, completion_mask):
+    """Hidden states at the positions that predict completion tokens: (N, H), and the targets (N,).
+    Position t-1 predicts token t, so we shift the completion mask left by one."""
+    base, _ = _base_and_head(model)
+    h_BLH = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    pred_BL = completion_mask[:, 1:].bool()  # (B, L-1): position t predicts token t+1
+    h_NH = h_BLH[:, :-1][pred_BL]
+    tgt_N = input_ids[:, 1:][pred_BL]
+    return h_NH, tgt_N
+
+
+def head_logits(model, h_NH, vocab=None):
+    """fp32 logits of a chunk of hidden states (N, V), with Gemma-style final soft-capping, sliced
+    to the first `vocab` entries (padding rows of the embedding matrix removed)."""
+    _, head = _base_and_head(model)
+    logits = head(h_NH).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits[..., :vocab] if vocab is not None else logits
+
+
+def logprobs_of(logits_NV, tgt_N):
+    """log p(tgt) under softmax(logits), fp32: (N, V), (N,) -> (N,)."""
+    logits_NV = logits_NV.float()
+    return logits_NV.gather(-1, tgt_N[:, None]).squeeze(-1) - torch.logsumexp(logits_NV, -1)
+
+
+def _chunked_map(fn, n, chunk, grad):
+    """Apply fn(slice) over row chunks and concatenate. With grad, each chunk is checkpointed so
+    its (chunk, V) logits are recomputed in backward instead of kept: memory is one chunk."""
+    outs = []
+    for s in range(0, n, chunk):
+        sl = slice(s, min(s + chunk, n))
+        if grad:
+            outs.append(torch.utils.checkpoint.checkpoint(fn, sl.start, sl.stop, use_reentrant=False))
+        else:
+            outs.append(fn(sl.start, sl.stop))
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk=1024):
+    """Per-token log-prob of each realized completion token: (B, L) with zeros off the completion
+    (aligned with completion_mask: entry t is log p(token t | tokens < t)). Gradient flows when
+    called with grad enabled; logits exist one chunk of positions at a time."""
+    h_NH, tgt_N = completion_hidden(model, input_ids, attention_mask, completion_mask)
+    grad = torch.is_grad_enabled() and h_NH.requires_grad
+
+    def fn(a, b):
+        return logprobs_of(head_logits(model, h_NH[a:b]), tgt_N[a:b])
+    lp_N = _chunked_map(fn, h_NH.shape[0], chunk, grad)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[completion_mask.bool()] = lp_N.to(out.device) if lp_N.numel() else lp_N
+    return out
+
+
+def token_divergence(student_logits, teacher_logits, beta=1.0, teacher_topk=None):
+    """Exact per-position divergence over the vocabulary, GKD's generalized JSD (Agarwal et al.):
+    beta=1 reverse KL(s||t) = sum_v p_s (log p_s - log p_t); beta=0 forward KL(t||s); in between
+    beta*KL(t||m) + (1-beta)*KL(s||m) with the mixture m = (1-beta)*p_s + beta*p_t (GKD / TRL's
+    generalized_jsd_loss). The mixture form tends to 0 at both ends, hence the two exact cases.
+    (..., V), (..., V) -> (...). fp32. teacher_topk: keep only the teacher's top-k logits,
+    renormalized (an API-limited attacker); forward KL then sums over those k tokens only."""
+    ls = F.log_softmax(student_logits.float(), -1)
+    tl = teacher_logits.float()
+    if teacher_topk:
+        kth = tl.topk(teacher_topk, -1).values[..., -1:]
+        tl = tl.masked_fill(tl < kth, float("-inf"))
+    lt = F.log_softmax(tl, -1)
+    if beta == 0:
+        return _kl(lt, ls)
+    if beta == 1:
+        return _kl(ls, lt)
+    lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+    return beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
+
+
+def _kl(lp, lq):
+    """KL(p||q) = sum_v p (log p - log q) from log-probs, with 0 * log 0 = 0 (top-k masks)."""
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+
+
+def shared_vocab(student, teacher, student_tok=None, teacher_tok=None):
+    """The vocabulary size both models' logits can be compared over. Equal sizes: that size.
+    Sizes that differ only by padding rows (e.g. Qwen 151,936 vs 152,064) and the same tokenizer:
+    the tokenizer length. Otherwise token-level KL is undefined: a clear error."""
+    vs, vt = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    same_tok = student_tok is not None and teacher_tok is not None and student_tok.get_vocab() == teacher_tok.get_vocab()
+    if vs == vt and (student_tok is None or teacher_tok is None or same_tok):
+        return vs
+    if same_tok and len(student_tok) <= min(vs, vt):
+        return len(student_tok)
+    raise ValueError(f"token-level KL needs a shared vocabulary (student {vs} rows, teacher {vt} rows, "
+                     f"tokenizers {'equal' if same_tok else 'different'}); use a sequence-level method instead "
+                     f"(sft in 03_distill.py, sequence KL in 01_pilot_kl.py)")
+
+
+def chunked_token_divergence(student, teacher, input_ids, attention_mask, completion_mask, beta=1.0, chunk=512,
+                             vocab=None, teacher_topk=None, on_chunk=None):
+    """Model-level token divergence at every completion position: (N,) in the order of
+    completion_mask.nonzero(). Both trunks run once; the (chunk, V) logits of both models exist one
+    chunk at a time (never (B, L, V) of both). The teacher is under no_grad; with grad enabled the
+    student's chunks are checkpointed. on_chunk(s_logits, t_logits, tgt) sees each chunk's logits
+    (no grad), for statistics such as tail noise. vocab=None: shared_vocab() decides (or raises)."""
+    vocab = vocab or shared_vocab(student, teacher)
+    with torch.no_grad():
+        ht_NH, _ = completion_hidden(teacher, input_ids, attention_mask, completion_mask)
+    hs_NH, tgt_N = completion_hidden(student, input_ids, attention_mask, completion_mask)
+    grad = torch.is_grad_enabled() and hs_NH.requires_grad
+
+    def fn(a, b):
+        sl = head_logits(student, hs_NH[a:b], vocab)
+        with torch.no_grad():
+            tl = head_logits(teacher, ht_NH[a:b], vocab)
+        if on_chunk is not None and not torch.is_grad_enabled():
+            on_chunk(sl, tl, tgt_N[a:b])
+        return token_divergence(sl, tl, beta, teacher_topk)
+    return _chunked_map(fn, hs_NH.shape[0], chunk, grad)
+
+
+def naive_token_divergence(student, teacher, input_ids, attention_mask, completion_mask, beta=1.0, vocab=None):
+    """Reference: full (B, L, V) logits of both models at once. Same values as the chunked one;
+    used by tests and bench.py to show what chunking saves."""
+    with torch.no_grad():
+        tl = teacher(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    sl = student(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    pred = completion_mask[:, 1:].bool()
+    return token_divergence(sl[:, :-1][pred][..., :vocab], tl[:, :-1][pred][..., :vocab], beta)
+
+
+def sequence_kl(logp_p, logp_q, mask):
+    """Sequence KL estimate per sampled sequence (paper Eq. 1): sum over realized tokens of
+    log p(y_t) - log q(y_t). With samples from p this is a one-sample estimate of KL(p||q):
+    on student samples (p=s, q=t) the reverse KL. (B, T), (B, T), (B, T) -> (B,)."""
+    return ((logp_p - logp_q) * mask).sum(-1)
+
+
+def offpolicy_seq_rkl(seq_logp_s, seq_logp_t):
+    """Off-policy estimates of the reverse KL(s||t) from sequences sampled from the TEACHER, paper
+    Eq. 3 and the K3 trick. w = p_s(y)/p_t(y) per sequence (float64; overflow is reported, not hidden).
+    IS:  E_t[w log w]                    (unbiased, exploding variance)
+    K3:  E_t[w (r - 1 - log r)], r = 1/w = E_t[1 - w + w log w]   (Schulman's k3, weighted)
+    Returns dict(is_mean, is_median, k3_mean, k3_median, nonfinite_share, log_w_max)."""
+    d = (torch.as_tensor(seq_logp_s, dtype=torch.float64) - torch.as_tensor(seq_logp_t, dtype=torch.float64))
+    w = d.exp()
+    is_v = w * d
+    k3_v = 1 - w + w * d
+    fin = torch.isfinite(is_v) & torch.isfinite(k3_v)
+    nan = float("nan")
+    return {"is_mean": is_v.mean().item(), "is_median": is_v.median().item() if len(d) else nan,
+            "k3_mean": k3_v.mean().item(), "k3_median": k3_v.median().item() if len(d) else nan,
+            "nonfinite_share": 1 - fin.double().mean().item() if len(d) else nan,
+            "log_w_max": d.max().item() if len(d) else nan}
+
+
+def wrong_trace_preference(seq_rkl, correct, group):
+    """Paper 4.2 (DPO lens): per prompt with at least one correct and one wrong trace, the share
+    of (correct, wrong) pairs in which the WRONG trace has the strictly lower sequence RKL (the
+    teacher prefers it); averaged over such prompts. Returns (rate, n_prompts_used)."""
+    seq_rkl, correct, group = np.asarray(seq_rkl, float), np.asarray(correct, bool), np.asarray(group)
+    rates = []
+    for g in np.unique(group):
+        m = group == g
+        c, w = seq_rkl[m & correct], seq_rkl[m & ~correct]
+        if len(c) and len(w):
+            rates.append(float((w[None, :] < c[:, None]).mean()))
+    return (float(np.mean(rates)) if rates else float("nan")), len(rates)
+
+
+def tail_noise_update(acc, student_logits, teacher_logits, ks=(1, 5, 20, 100, None)):
+    """Paper Eq. 4 (our reading): per vocabulary token v and each k, add up v's reverse-KL
+    contribution p_s(v)(log p_s(v) - log p_t(v)) over the positions where v is in the student's
+    top-k (k=None: all of V). acc: {k: (V,) float64 sums} (created if empty) plus acc['n']
+    positions. Divide by acc['n'] for the per-position average. (N, V), (N, V)."""
+    ls = F.log_softmax(student_logits.float(), -1)
+    lt = F.log_softmax(teacher_logits.float(), -1)
+    contrib_NV = (ls.exp() * (ls - lt)).double()
+    V = contrib_NV.shape[-1]
+    for k in ks:
+        key = "all" if k is None else str(k)
+        if key not in acc:
+            acc[key] = torch.zeros(V, dtype=torch.float64)
+        if k is None or k >= V:
+            acc[key] += contrib_NV.sum(0).cpu()
+        else:
+            idx = ls.topk(k, -1).indices
+            acc[key].index_add_(0, idx.reshape(-1).cpu(), contrib_NV.gather(-1, idx).reshape(-1).cpu())
+    acc["n"] = acc.get("n", 0) + contrib_NV.shape[0]
+    return acc
+
+
+def spearman(x, y):
+    """Spearman rank correlation with average ranks for ties (no scipy needed)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _rank(x), _rank(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _rank(a):
+    order = np.argsort(a, kind="mergesort")
+    r = np.empty(len(a))
+    r[order] = np.arange(len(a), dtype=float)
+    for v in np.unique(a):  # ties share the average rank
+        m = a == v
+        if m.sum() > 1:
+            r[m] = r[m].mean()
+    return r
+
+
+# -----------------------------------------------------------------------------
+# RL: group normalization, REINFORCE, KL anchor (paper 5.2, Algorithm 1)
+
+
+def group_normalize(rewards, group_size, eps=1e-6):
+    """(P*G,) rewards, prompt-major -> zero mean, unit (population) variance within each group of G.
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (no NaN,
+    no division by eps blowing noise up)."""
+    r_PG = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    mu = r_PG.mean(1, keepdim=True)
+    sd = r_PG.std(1, unbiased=False, keepdim=True)
+    a = torch.where(sd > eps, (r_PG - mu) / sd.clamp(min=eps), torch.zeros_like(r_PG))
+    return a.view(-1)
+
+
+def combine_advantages(r_task, r_cal, lam, group_size):
+    """A = gn(r_task) + lam * gn(r_cal), each reward normalized within its group separately, so lam
+    means the same thing whatever the rewards' scales (paper 5.2 'Reward Normalization')."""
+    return group_normalize(r_task, group_size) + lam * group_normalize(r_cal, group_size)
+
+
+def reinforce_loss(logp_BT, mask_BT, adv_B):
+    """-(sum_i A_i * sum_t log p(y_it)) / (total completion tokens in the batch). The reward is a
+    constant (detached advantages); one update per fresh batch, so no importance ratio."""
+    return -(adv_B.detach()[:, None] * logp_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+def k3_kl(logp_BT, logp_ref_BT, mask_BT):
+    """Per-token K3 estimate of KL(theta||ref) on tokens sampled from theta (Schulman 2020):
+    r = p_ref/p_theta, k3 = r - 1 - log r >= 0, unbiased, mean over completion tokens."""
+    lr = logp_ref_BT - logp_BT
+    k3 = lr.exp() - 1 - lr
+    return (k3 * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
+    as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def maj_at_k(answers, correct):
+    """Is the majority-voted answer correct? answers: extracted answers (None = no answer, never
+    voted for), correct: their grades. Ties go to the answer seen first."""
+    counts, first = {}, {}
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        counts[a] = counts.get(a, 0) + 1
+        first.setdefault(a, i)
+    if not counts:
+        return False
+    best = max(counts, key=lambda a: (counts[a], -first[a]))
+    return bool(correct[first[best]])
+
+
+def bootstrap_ci(values, n_boot=1000, seed=0, alpha=0.05):
+    """95% percentile bootstrap interval of the mean of per-prompt values."""
+    v = np.asarray(values, float)
+    if len(v) == 0:
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    means = v[idx].mean(1)
+    return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]

@@ -1,0 +1,65 @@
+"""Tiny offline fixtures: a character-level tokenizer with a chat template and random-weight Llama
+models built from a config, saved as ordinary HF folders. No hub access anywhere."""
+import os
+import sys
+
+import pytest
+import torch
+
+# tests never touch the network: a hub id fails at once instead of retrying
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!()#+-*/=\n'")
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def char_tokenizer(extra=""):
+    """A character-level fast tokenizer (vocab ~85). `extra` adds characters: a different vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + list(extra))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIALS[1:])
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def tiny_llama(vocab_size, hidden=32, layers=2, seed=0, tok=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id if tok else 0, pad_token_id=tok.pad_token_id if tok else 0,
+                      bos_token_id=None, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    return m
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tok):
+    """(student, teacher) random Llamas sharing the char tokenizer."""
+    return tiny_llama(len(tok), 32, 2, seed=1, tok=tok), tiny_llama(len(tok), 48, 2, seed=2, tok=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tok):
+    """HF folders: student, teacher (tokenizer A) and target (a different tokenizer B)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok_b = char_tokenizer(extra="[]{}<>")
+    for name, (h, seed, t) in {"student": (32, 1, tok), "teacher": (48, 2, tok), "target": (32, 3, tok_b)}.items():
+        m = tiny_llama(len(t), h, 2, seed=seed, tok=t)
+        m.save_pretrained(root / name)
+        t.save_pretrained(root / name)
+    return root

@@ -1,0 +1,185 @@
+"""Tasks (extraction, grading, loaders, prompts), generation and I/O of common.py, offline."""
+import json
+import os
+
+import pytest
+import torch
+
+import common as C
+
+# -----------------------------------------------------------------------------
+# answer extraction and grading on hand-written rows in each real task's format
+
+MATH_CASES = [
+    ("gsm8k", "She has 3 + 4 = 7 apples.\n#### 7", "7", True),
+    ("gsm8k", "Total: 1,200 + 34 = 1,234\n#### 1,234", "1234", True),
+    ("gsm8k", "#### 18 dollars", "18", True),
+    ("gsm8k", "so the cost is $12.50 each.\n#### $12.50", "12.5", True),
+    ("gsm8k", "#### 7\nwait, actually #### 8", "7", False),  # the last #### counts
+    ("gsm8k", "I think it is 41 or 42", "42", True),  # no marker: the last number
+    ("gsm8k", "The answer is 42.", "43", False),
+    ("bigmath_l4", "Thus \\boxed{\\frac{3}{4}}.", "3/4", True),
+    ("bigmath_l4", "Thus \\boxed{0.75}", "\\frac{3}{4}", True),
+    ("bigmath_l5", "we get \\boxed{-5}", "-5", True),
+    ("bigmath_l5", "\\boxed{x^{2}}", "2", True),
+    ("bigmath_l5", "no number here", "2", False),
+    ("toy_math", "3 + 4 = 7\nwait, check: 7 - 4 = 3, ok\n#### 7", "7", True),
+    ("toy_math", "3 + 4 = 7\n#### 8", "7", False),
+    ("gsm_symbolic", "The answer is 1,000 km.", "1000", True),
+]
+
+MC_CASES = [
+    ("csqa", "Birds fly. The answer is (C)", "C", True),
+    ("csqa", "The answer is (C)", "B", False),
+    ("mmlu_pro", "Let me think... the answer is D.", "D", True),
+    ("mmlu_pro", "The answer is (A). Wait, the answer is (B)", "B", True),  # last statement counts
+    ("supergpqa", "#### E", "E", True),
+    ("supergpqa", "\\boxed{J}", "J", True),
+    ("toy_qa", "Vortania's flag is green.\nThe answer is (B)", "B", True),
+    ("toy_qa", "The answer is Paris", "B", False),  # a word starting with a letter is not a choice
+    ("toy_qa", "I am not sure.", "B", False),
+]
+
+
+@pytest.mark.parametrize("task,text,answer,ok", MATH_CASES + MC_CASES)
+def test_grade_hand_written_rows(task, text, answer, ok):
+    assert C.grade(task, text, {"answer": answer}) is ok
+
+
+def test_extract_answer_values():
+    assert C.extract_answer("gsm8k", "#### 1,234") == "1234"
+    assert C.extract_answer("gsm8k", "#### 2.50") == "2.5"
+    assert C.extract_answer("bigmath_l4", "\\boxed{\\dfrac{1}{2}}") == "1/2"
+    assert C.extract_answer("gsm8k", "nothing") is None
+    assert C.extract_answer("csqa", "The answer is (c)") is None or C.extract_answer("csqa", "The answer is (c)") == "C"
+    assert C.extract_answer("mmlu_pro", "The answer is (H)") == "H"
+
+
+def test_grade_mc_answer_given_as_option_text():
+    row = {"answer": "blue", "choices": ["red", "blue", "green"]}
+    assert C.grade("csqa", "The answer is (B)", row) is True
+    assert C.grade("csqa", "The answer is (A)", row) is False
+
+
+def test_open_ended_tasks_have_no_grader():
+    assert C.grade("dolly", "anything", {"answer": "x"}) is None
+
+
+def test_prompt_uses_chat_template_when_present(tok):
+    row = {"prompt": "What is 2 + 2?", "answer": "4"}
+    p = C.build_prompt(tok, "toy_math", row)
+    assert p == "<|user|>What is 2 + 2?\n<|assistant|>"
+    q = C.build_prompt(tok, "csqa", {"prompt": "Sky colour?", "choices": ["red", "blue"], "answer": "B"})
+    assert "A) red\nB) blue" in q and "The answer is (X)" in q
+
+    class Plain:
+        chat_template = None
+    assert C.build_prompt(Plain(), "gsm8k", row).startswith("Question: What is 2 + 2?")
+
+
+def test_load_task_local_files_and_clear_errors(tmp_path):
+    d = tmp_path / "data" / "toy_math"
+    d.mkdir(parents=True)
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(10)]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = C.load_task("toy_math", "test", data=str(tmp_path / "data"), n=4, seed=1)
+    assert len(got) == 4 and got == C.load_task("toy_math", "test", data=str(tmp_path / "data"), n=4, seed=1)
+    assert C.load_task("gsm8k", data=str(d / "test.jsonl")) == rows  # a local jsonl for a real task
+    import datasets
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "x.parquet"))
+    assert C.load_task("gsm8k", data=str(tmp_path / "x.parquet"))[3] == rows[3]
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "1"}\n')
+    with pytest.raises(SystemExit):
+        C.load_task("gsm8k", data=str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        C.load_task("gsm8k", data=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(SystemExit):
+        C.load_task("no_such_task")
+    with pytest.raises(SystemExit):
+        C.load_task("toy_qa")  # toy tasks need the toy world folder
+
+
+def test_hub_rows_map_to_the_common_schema():
+    assert C._hub_row("gsm8k", {"question": "q", "answer": "work\n#### 1,000"}) == {"prompt": "q", "answer": "1000"}
+    r = C._hub_row("csqa", {"question": "q", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "C"})
+    assert r["choices"] == list("vwxyz") and r["answer"] == "C"
+    assert C._hub_row("bigmath_l4", {"problem": "p", "answer": "3", "level": 5}) is None
+
+
+# -----------------------------------------------------------------------------
+# models and I/O
+
+
+def test_missing_model_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit):
+        C.load_model("/nonexistent/folder")
+    with pytest.raises(SystemExit):
+        C.load_model("no-such-org/no-such-model-xyz")
+    err = capsys.readouterr().err
+    assert "no-such-org/no-such-model-xyz" in err and "local folder" in err
+
+
+def test_atomic_writes_and_unknown_flags(tmp_path, capsys):
+    import argparse
+    p = tmp_path / "a" / "x.json"
+    C.atomic_write_json(str(p), {"a": 1})
+    assert json.loads(p.read_text()) == {"a": 1} and not [f for f in os.listdir(p.parent) if ".tmp" in f]
+    C.append_jsonl(str(tmp_path / "m.jsonl"), {"step": 1})
+    C.append_jsonl(str(tmp_path / "m.jsonl"), {"step": 2})
+    assert [r["step"] for r in C.read_jsonl(str(tmp_path / "m.jsonl"))] == [1, 2]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lr", type=float, default=1e-3)
+    assert C.parse_args(ap, ["--lr", "0.1"]).lr == 0.1
+    with pytest.raises(SystemExit):
+        C.parse_args(ap, ["--learning_rate", "0.1"])
+    assert "--learning_rate" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def test_generate_n_samples_lengths_and_greedy_matches_hf(tok, tiny_pair):
+    model, _ = tiny_pair
+    prompts = ["<|user|>what is 2+3?\n<|assistant|>", "<|user|>hi\n<|assistant|>", "<|user|>a longer prompt here\n<|assistant|>"]
+    out = C.generate(model, tok, prompts, n=4, max_new_tokens=9, temperature=1.0, seed=0, batch_size=8)
+    assert len(out) == 12 and [o["i"] for o in out] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(len(o["ids"]) <= 9 for o in out)
+    assert len({tuple(o["ids"]) for o in out}) > 3  # samples differ
+    again = C.generate(model, tok, prompts, n=4, max_new_tokens=9, temperature=1.0, seed=0, batch_size=8)
+    assert [o["ids"] for o in out] == [o["ids"] for o in again]  # seeded
+    # greedy equals transformers' own greedy decoding, whatever the batch mates (left padding)
+    greedy = C.generate(model, tok, prompts, n=1, max_new_tokens=9, greedy=True, batch_size=2)
+    for p, o in zip(prompts, greedy):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ref = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        eos = (ref == tok.eos_token_id).nonzero()
+        ref = ref[: eos[0, 0] + 1] if len(eos) else ref
+        assert o["ids"] == ref.tolist()
+
+
+def test_generate_stops_at_eos_and_padding_side_does_not_matter(tok):
+    from tests.conftest import tiny_llama
+    m = tiny_llama(len(tok), tok=tok)
+    # a model that prefers eos everywhere: every completion is exactly [eos], marked finished
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: out.index_add(
+        -1, torch.tensor([tok.eos_token_id]), torch.full(out.shape[:-1] + (1,), 1e4)))
+    out = C.generate(m, tok, ["<|user|>hello\n<|assistant|>", "<|user|>x\n<|assistant|>"], n=3, max_new_tokens=20, temperature=1.0)
+    assert all(o["finished"] for o in out)
+    assert all(o["ids"] == [tok.eos_token_id] and o["text"] == "" for o in out)
+    hook.remove()
+    for side in ("left", "right"):
+        tok.padding_side = side
+        g = C.generate(m, tok, ["<|user|>a\n<|assistant|>", "<|user|>longer prompt\n<|assistant|>"], greedy=True, max_new_tokens=5)
+        assert [o["ids"] for o in g] == [o["ids"] for o in C.generate(m, tok, ["<|user|>a\n<|assistant|>"], greedy=True, max_new_tokens=5)] + [g[1]["ids"]]
+    tok.padding_side = "left"
+
+
+def test_make_text_batch_cross_tokenizer(tok):
+    from tests.conftest import char_tokenizer
+    tb = char_tokenizer(extra="[]")
+    ids_a, _, cm_a = C.make_text_batch(tok, ["<|user|>q\n<|assistant|>"], ["abc"], eos=True)
+    ids_b, _, cm_b = C.make_text_batch(tb, ["<|user|>q\n<|assistant|>"], ["abc"], eos=False)
+    assert int(cm_a.sum()) == 4 and int(cm_b.sum()) == 3
+    assert ids_a[0, -1].item() == tok.eos_token_id
