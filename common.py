@@ -657,6 +657,17 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk
     return out
 
 
+def text_seq_logprobs(model, tokenizer, prompt_texts, completion_texts, eos=True, chunk=1024):
+    """Sequence log-prob of each completion TEXT under `model`, tokenized by its own `tokenizer`
+    (paper Eq. 11: models with different tokenizers score the same text). Returns sums (B,) and
+    completion token counts (B,), both fp32, no grad. eos: append the model's eos (per row or all)."""
+    dev = next(model.parameters()).device
+    ids, am, cm = make_text_batch(tokenizer, prompt_texts, completion_texts, eos=eos, device=dev)
+    with torch.no_grad():
+        lp_BT = completion_logprobs(model, ids, am, cm, chunk)
+    return (lp_BT * cm).sum(-1), cm.sum(-1).float()
+
+
 def token_divergence(student_logits, teacher_logits, beta=1.0, teacher_topk=None):
     """Exact per-position divergence over the vocabulary, GKD's generalized JSD (Agarwal et al.):
     beta=1 reverse KL(s||t) = sum_v p_s (log p_s - log p_t); beta=0 forward KL(t||s); in between
@@ -848,6 +859,26 @@ def k3_kl(logp_BT, logp_ref_BT, mask_BT):
     lr = logp_ref_BT - logp_BT
     k3 = lr.exp() - 1 - lr
     return (k3 * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+def calibration_reward(seq_logp_target_B, seq_logp_theta_B, n_target_B=None, n_theta_B=None):
+    """Paper Eq. 10-11: r_cal = sg(log p_target(y|x) - log p_theta(y|x)), each side a sequence sum
+    from its own model and tokenization. With token counts given, each side is divided by its own
+    count first (length-normalized variant: the two tokenizers split y into different lengths)."""
+    t, s = seq_logp_target_B.detach().float(), seq_logp_theta_B.detach().float()
+    if n_target_B is not None:
+        t, s = t / n_target_B.clamp(min=1), s / n_theta_B.clamp(min=1)
+    return t - s
+
+
+def calibration_loss(logp_BT, logp_ref_BT, mask_BT, r_task_B, r_cal_B, lam, beta, group_size):
+    """Algorithm 1's loss: REINFORCE with A = gn(r_task) + lam * gn(r_cal) on the token-normalized
+    sequence log-prob, plus beta * the per-token K3 anchor to the reference (LoRA off).
+    (B, T) x3, (B,), (B,) -> scalar loss, dict of detached parts (pg, kl, adv)."""
+    adv_B = combine_advantages(r_task_B, r_cal_B, lam, group_size).to(logp_BT.device)
+    pg = reinforce_loss(logp_BT, mask_BT, adv_B)
+    kl = k3_kl(logp_BT, logp_ref_BT.detach(), mask_BT)
+    return pg + beta * kl, {"pg": pg.detach(), "kl": kl.detach(), "adv": adv_B}
 
 
 # -----------------------------------------------------------------------------
