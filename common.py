@@ -918,3 +918,38 @@ def bootstrap_ci(values, n_boot=1000, seed=0, alpha=0.05):
     idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
     means = v[idx].mean(1)
     return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
+
+
+# -----------------------------------------------------------------------------
+# reward model (open-ended tasks, stage 04)
+
+
+def rm_text(tokenizer, question, completion):
+    """[user question, assistant completion] through the RM's own chat template (plain text without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    return f"User: {question}\n\nAssistant: {completion}"
+
+
+@torch.no_grad()
+def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, max_len=4096, show=None):
+    """Raw scalar scores (logit 0) of a sequence-classification reward model, one per (question,
+    completion). Right padding; the model reads the last non-pad token (needs config.pad_token_id).
+    The template already carries any bos, so no special tokens are added."""
+    if rm.config.pad_token_id is None:
+        rm.config.pad_token_id = tokenizer.pad_token_id
+    dev = next(rm.parameters()).device
+    texts = [rm_text(tokenizer, q, c) for q, c in zip(questions, completions)]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+    out, t0 = [0.0] * len(texts), time.time()
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
+                        truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
+        logits = rm(**enc).logits[:, 0].float().cpu().tolist()  # (b,)
+        for i, v in zip(idx, logits):
+            out[i] = v
+        if show:
+            progress(min(s + batch_size, len(order)), len(order), t0, show, "seqs")
+    return out
