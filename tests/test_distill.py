@@ -1,0 +1,178 @@
+"""Stage 03 (03_distill.py): each method's loss against its formula with full logits, on-policy RKL
+moves the student toward the teacher, cross-tokenizer SFT (with LoRA), the shared-vocabulary error,
+exact resume, the non-finite stop, and every output written. Subprocess runs on the tiny fixtures."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "03_distill.py")
+SMALL = ["--steps", "1", "--max_new_tokens", "6", "--n_prompts", "3", "--teacher_samples", "2", "--n_eval", "2",
+         "--batch_size", "12", "--lr", "1e-3", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dirs):
+    """A two-task data folder in the toy world's layout (toy_math: '####' answers, toy_qa: letters)."""
+    d = tiny_dirs / "distill_data"
+    rows = {"toy_math": [{"prompt": f"Ana has {i} pens and gets {i + 1} more. How many?", "answer": str(2 * i + 1)} for i in range(8)],
+            "toy_qa": [{"prompt": f"Colour of flag {i}? A) red B) blue", "answer": "AB"[i % 2], "choices": ["red", "blue"]} for i in range(8)]}
+    for task, rs in rows.items():
+        os.makedirs(d / task, exist_ok=True)
+        for split in ("train", "test"):
+            common.write_jsonl(str(d / task / f"{split}.jsonl"), rs)
+    return d
+
+
+def run(tiny_dirs, data, out, *extra, teacher="teacher", check=True):
+    cmd = [sys.executable, SCRIPT, "--teacher", str(tiny_dirs / teacher), "--student", str(tiny_dirs / "student"),
+           "--data", str(data), "--out_dir", str(out), *SMALL, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    return common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+
+
+def pool_batch(tiny_dirs, data, out, tok_name):
+    """The whole off-policy pool as (student prompt, completion) pairs, rebuilt from the cache and the
+    task files; with --batch_size = pool size the first step's batch is exactly this pool."""
+    stok = common.load_tokenizer(str(tiny_dirs / tok_name))
+    items = [(t, r) for t in ("toy_math", "toy_qa") for r in common.load_task(t, "train", data=str(data), n=3, seed=0)]
+    with open(os.path.join(out, "teacher_samples.json")) as f:
+        samples = json.load(f)["samples"]
+    assert len(samples) == 12
+    return stok, [(common.build_prompt(stok, *items[s["i"]]), s) for s in samples]
+
+
+def reference_divergence(s_logits, t_logits, beta, topk=None):
+    """Written out independently from common.token_divergence: probabilities, not log-space tricks."""
+    ps, pt = F.softmax(s_logits.double(), -1), t_logits.double()
+    if topk:
+        pt = pt.masked_fill(pt < pt.topk(topk, -1).values[..., -1:], float("-inf"))
+    pt = F.softmax(pt, -1)
+
+    def kl(p, q):
+        return sum(float(p[v] * (p[v].log() - q[v].log())) for v in range(len(p)) if p[v] > 0)
+    if beta == 0:
+        return kl(pt, ps)
+    if beta == 1:
+        return kl(ps, pt)
+    m = (1 - beta) * ps + beta * pt
+    return beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+
+
+@pytest.mark.parametrize("method,extra,beta,topk", [("fkl", [], 0.0, None), ("rkl", ["--lmbda", "0"], 1.0, None),
+                                                    ("jsd", ["--lmbda", "0", "--beta", "0.3"], 0.3, None),
+                                                    ("fkl", ["--topk", "5"], 0.0, 5)])
+def test_token_loss_matches_formula_and_writes_outputs(tiny_dirs, data, tmp_path, method, extra, beta, topk):
+    """Step 1's loss (before any update) = mean over every completion token of the pool of the exact
+    divergence computed from full logits; and the run writes every output."""
+    out = tmp_path / method
+    run(tiny_dirs, data, out, "--method", method, *extra)
+    stok, pairs = pool_batch(tiny_dirs, data, out, "student")
+    s = common.load_model(str(tiny_dirs / "student"), "cpu")
+    t = common.load_model(str(tiny_dirs / "teacher"), "cpu")
+    vals = []
+    for prompt, smp in pairs:
+        p_ids = stok(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + smp["ids"]])
+        sl, tl = s(input_ids=ids).logits[0], t(input_ids=ids).logits[0]
+        for j in range(len(smp["ids"])):  # position len(p)-1+j predicts completion token j
+            pos = len(p_ids) - 1 + j
+            vals.append(reference_divergence(sl[pos], tl[pos], beta, topk))
+    want = sum(vals) / len(vals)
+    m = metrics(out)
+    assert m[0]["step"] == 1 and m[0]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert m[0]["kl"] == pytest.approx(m[0]["loss"])
+    for f in ("config.json", "metrics.jsonl", "summary.json", "ckpt/state.pt", "teacher_samples.json", "model/config.json"):
+        assert os.path.exists(out / f), f
+    summ = json.loads((out / "summary.json").read_text())
+    assert set(summ["acc_before"]) == set(summ["acc_after"]) == {"toy_math", "toy_qa"}
+    assert common.load_model(str(out / "model"), "cpu") is not None and common.load_tokenizer(str(out / "model")) is not None
+
+
+def test_sft_loss_is_cross_entropy_across_tokenizers_with_lora(tiny_dirs, data, tmp_path):
+    """sft from the target (tokenizer B) into the student (tokenizer A), with a LoRA: step 1's loss is
+    HF's own cross-entropy on the re-tokenized teacher text (+ eos when the sample finished), and
+    model/ is a plain merged HF folder."""
+    out = tmp_path / "sft"
+    run(tiny_dirs, data, out, "--method", "sft", "--lora", "2", teacher="target")
+    stok, pairs = pool_batch(tiny_dirs, data, out, "student")
+    s = common.load_model(str(tiny_dirs / "student"), "cpu")
+    nll, n = 0.0, 0
+    for prompt, smp in pairs:
+        p_ids = stok(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = stok(smp["text"], add_special_tokens=False)["input_ids"] + ([stok.eos_token_id] if smp["finished"] else [])
+        ids = torch.tensor([p_ids + c_ids])
+        labels = torch.tensor([[-100] * len(p_ids) + c_ids])
+        nll += s(input_ids=ids, labels=labels).loss.item() * len(c_ids)
+        n += len(c_ids)
+    m = metrics(out)
+    assert m[0]["loss"] == pytest.approx(nll / n, rel=1e-4)
+    assert m[0]["kl"] is None
+    sd = common.load_model(str(out / "model"), "cpu").state_dict()
+    assert not any("lora" in k for k in sd) and "model.embed_tokens.weight" in sd
+
+
+def test_token_methods_across_vocabularies_fail_clearly(tiny_dirs, data, tmp_path):
+    r = run(tiny_dirs, data, tmp_path / "x", "--method", "fkl", teacher="target", check=False)
+    assert r.returncode == 2
+    assert "shared vocabulary" in r.stderr and "--method sft" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rkl_reduces_reverse_kl_to_teacher(tiny_dirs, data, tmp_path):
+    """A few on-policy RKL steps lower the token reverse KL(s||t) on a fixed set of sequences."""
+    out = tmp_path / "rkl"
+    run(tiny_dirs, data, out, "--method", "rkl", "--steps", "6", "--lr", "1e-2", "--batch_size", "6", "--max_new_tokens", "12")
+    assert all(r["onpolicy"] for r in metrics(out))
+    tok = common.load_tokenizer(str(tiny_dirs / "student"))
+    s0 = common.load_model(str(tiny_dirs / "student"), "cpu")
+    s1 = common.load_model(str(out / "model"), "cpu")
+    t = common.load_model(str(tiny_dirs / "teacher"), "cpu")
+    rows = common.load_task("toy_math", "test", data=str(data))
+    prompts = [common.build_prompt(tok, "toy_math", r) for r in rows]
+    smp = common.generate(s0, tok, prompts, n=2, max_new_tokens=12, seed=123)
+    batch = common.make_batch(tok, [prompts[x["i"]] for x in smp], [x["ids"] for x in smp])
+    with torch.no_grad():
+        before = common.chunked_token_divergence(s0, t, *batch, beta=1.0).mean().item()
+        after = common.chunked_token_divergence(s1, t, *batch, beta=1.0).mean().item()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_continues_with_the_same_losses(tiny_dirs, data, tmp_path):
+    """jsd with lmbda 0.5 mixes on- and off-policy batches: a run stopped at step 2 and resumed to
+    step 4 gives the same step-3 and step-4 losses (coins, cursors, RNG, optimizer) as one run."""
+    base = ["--method", "jsd", "--batch_size", "4", "--save_every", "2", "--lr", "1e-2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(tiny_dirs, data, full, *base, "--steps", "4")
+    run(tiny_dirs, data, part, *base, "--steps", "2")
+    r = run(tiny_dirs, data, part, *base, "--steps", "4")
+    assert "resumed" in r.stdout
+    a, b = metrics(full), metrics(part)
+    assert [x["step"] for x in b] == [1, 2, 3, 4]
+    assert {x["onpolicy"] for x in a} == {True, False}  # both kinds of batch were exercised
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-7), (x, y)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_dirs, data, tmp_path):
+    """An absurd lr blows the weights up after step 1: the run stops with one clear line naming the
+    step, and the step-1 checkpoint (finite weights) stays; no model/ is written."""
+    out = tmp_path / "nan"
+    r = run(tiny_dirs, data, out, "--method", "fkl", "--steps", "5", "--save_every", "1", "--lr", "1e30", "--grad_clip", "0",
+            "--batch_size", "4", check=False)
+    assert r.returncode == 2 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    ck = torch.load(out / "ckpt" / "state.pt", weights_only=False)
+    assert 1 <= ck["step"] < 5 and all(torch.isfinite(w).all() for w in ck["weights"].values())
+    assert not os.path.exists(out / "model")
