@@ -1,0 +1,332 @@
+"""
+Teacher calibration (paper section 5, Eq. 6-11, Algorithm 1, appendix D): a LoRA on the teacher
+trained by hand-written REINFORCE on a composite reward. Per prompt, group_size rollouts from the
+teacher+LoRA are scored with
+    r_task = grade(completion) in {0, 1}
+    r_cal  = sg(log p_target(y|x) - log p_theta(y|x))      (Eq. 10-11, sequence sums)
+each side by its own model on its own tokenization of the same prompt and completion text, so the
+target may use a different tokenizer. Advantages A = gn(r_task) + lam * gn(r_cal), each reward
+group-normalized separately; loss = REINFORCE on the token-normalized sequence log-prob
++ beta * K3(theta || teacher) per token, where the teacher is the same model with the LoRA
+disabled (no second copy in memory). AdamW on the LoRA parameters only, gradient clipping.
+
+The knob (presets):
+    --lam  1   distillable teacher: rewards samples the target finds likely (KL to target goes down)
+    --lam -1   undistillable teacher: rewards samples the target finds unlikely (KL to target goes up)
+    --lam  0   plain REINFORCE on the task reward with the KL anchor
+
+    python 02_calibrate.py --teacher runs/toy/00_toy_world/teacher --target runs/toy/00_toy_world/target \\
+        --data runs/toy/00_toy_world/data --lam 1 --out_dir runs/toy/02_calibrate/distillable
+    (same with --lam -1 --out_dir runs/toy/02_calibrate/undistillable)
+
+Expected on the toy world (defaults, 2 CPU cores): see the numbers at the bottom of this docstring.
+
+Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
+adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
+--teacher by 01/03/04), ckpt/ (adapter, optimizer, step, RNG, data cursor; a rerun with the same
+out_dir resumes from it), summary.json (lam, greedy held-out accuracy per task and the on-policy
+sequence KL(theta||target) of the original and the calibrated teacher).
+
+Departures from the paper and why:
+- One gradient update per fresh batch of rollouts, purely on-policy: the importance ratio is
+  exactly 1, so PPO/GRPO ratio clipping would do nothing and is left out (appendix D used TRL's
+  GRPO trainer, whose default is also a single update per batch).
+- Rollouts with the HF backend (KV-cached, batched) on CPU. On CUDA with vLLM one colocated engine
+  is created once with LoRA enabled, and each step the current adapter is saved and passed as a
+  new LoRARequest id (no engine rebuild). That path is untested on CPU-only machines.
+- The paper's LoRA rank/alpha/lr are for 8B models; the toy defaults here are chosen to move the
+  toy teacher within ~1 minute (measured, see below).
+"""
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+
+# -----------------------------------------------------------------------------
+# config
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# models and data
+p.add_argument("--teacher", required=True, help="HF folder or hub id of the teacher to calibrate")
+p.add_argument("--target", required=True, help="calibration target (student or proxy); its tokenizer may differ")
+p.add_argument("--tasks", type=common.csv_list, default="toy_math,toy_qa", help="comma list of verifiable tasks")
+p.add_argument("--data", default=None, help="toy world data folder (D/data) or a local jsonl/parquet file")
+p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
+# the knob and the objective
+p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")
+p.add_argument("--beta", type=float, default=0.05, help="K3 anchor to the original teacher (LoRA off)")
+p.add_argument("--cal_length_norm", action="store_true", help="divide each side of r_cal by its own token count")
+# rollouts
+p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")
+p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (batch = this x group_size)")
+p.add_argument("--max_new_tokens", type=int, default=96, help="rollout length limit")
+p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (1.0: the policy itself)")
+# optimization
+p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
+p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the LoRA")
+p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
+p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r)")
+p.add_argument("--lora_targets", type=common.csv_list, default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+               help="module names that get a LoRA")
+# eval, checkpoints, runtime
+p.add_argument("--n_eval", type=int, default=100, help="held-out (test) prompts per task for accuracy and KL")
+p.add_argument("--eval_every", type=int, default=0, help="held-out eval every N steps (0: only before and after)")
+p.add_argument("--save_every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+p.add_argument("--sample_every", type=int, default=10, help="print a decoded rollout every N steps")
+p.add_argument("--stop_after", type=int, default=0, help="exit after this step as if killed (resume tests)")
+p.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk when scoring")
+p.add_argument("--backend", default="auto", help="rollouts: hf, vllm or auto (vllm on CUDA when installed)")
+p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+p.add_argument("--seed", type=int, default=0, help="LoRA init, data order and rollout seeds")
+args = common.parse_args(p)
+if isinstance(args.tasks, str):
+    args.tasks = common.csv_list(args.tasks)
+if isinstance(args.lora_targets, str):
+    args.lora_targets = common.csv_list(args.lora_targets)
+common.write_config(args.out_dir, args)
+
+# -----------------------------------------------------------------------------
+# seed, device, inputs
+common.seed_everything(args.seed)
+device = common.get_device(args.device)
+backend = common.resolve_backend(args.backend)
+P, G = args.prompts_per_step, args.group_size
+for t in args.tasks:
+    if common.task_kind(t) == "open":
+        common.die(f"task {t} is open-ended (no grader); 02_calibrate needs verifiable tasks (math or mc)")
+if G < 2:
+    common.die(f"--group_size {G}: group normalization needs at least 2 rollouts per prompt")
+
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+tok = common.load_tokenizer(args.teacher)
+tok_tgt = common.load_tokenizer(args.target)
+base = common.load_model(args.teacher, device)
+target = common.load_model(args.target, device)
+names = {n.split(".")[-1] for n, _ in base.named_modules()}
+missing = [t for t in args.lora_targets if t not in names]
+if missing:
+    common.die(f"--lora_targets {','.join(missing)} not in the teacher; its linear layers include "
+               f"{', '.join(sorted(n for n in names if n.endswith('proj')))}")
+model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                        target_modules=args.lora_targets, task_type="CAUSAL_LM"))
+lora_params = [q for q in model.parameters() if q.requires_grad]
+opt = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=0.0)
+print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() for q in lora_params) / 1e3:.1f}K trainable, "
+      f"target {common.n_params(target) / 1e6:.2f}M, backend {backend}, device {device}", flush=True)
+
+# training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
+# number of prompts consumed so far, which is all a resume needs to continue the same order
+pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data)]
+held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed) for t in args.tasks}
+
+
+def next_prompts(cursor, n):
+    out = []
+    for c in range(cursor, cursor + n):
+        epoch, i = divmod(c, len(pool))
+        perm = np.random.RandomState(args.seed + epoch).permutation(len(pool))  # cheap at toy/real sizes
+        out.append(pool[perm[i]])
+    return out
+
+
+engine, lora_dir = None, os.path.join(args.out_dir, "vllm_lora")
+if backend == "vllm":  # colocated engine, created once; the LoRA travels per step as a LoRARequest
+    from vllm.lora.request import LoRARequest
+    engine = common.make_vllm_engine(args.teacher, seed=args.seed, enable_lora=True, max_lora_rank=args.lora_r)
+
+
+def lora_request(step):
+    """vLLM: save the current adapter and name it with a new id, so the engine loads it fresh."""
+    if engine is None:
+        return None
+    path = os.path.join(lora_dir, str(step))
+    model.save_pretrained(path)
+    shutil.rmtree(os.path.join(lora_dir, str(step - 1)), ignore_errors=True)
+    return LoRARequest(f"calib{step}", step + 1, path)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def rollouts(rows, n, seed, greedy, step, use_lora=True):
+    """n samples per row from theta (or the original teacher with use_lora=False): flat, prompt-major."""
+    prompts = [common.build_prompt(tok, t, r) for t, r in rows]
+    if engine is not None:
+        return prompts, common.generate(None, tok, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        greedy=greedy, seed=seed, backend="vllm", engine=engine,
+                                        lora_request=lora_request(step) if use_lora else None)
+    if use_lora:
+        return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, greedy=greedy, seed=seed)
+    with model.disable_adapter():
+        return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, greedy=greedy, seed=seed)
+
+
+def target_seq_logprobs(rows, samples):
+    """log p_target(y|x) on the target's own tokenization of the same prompt and completion text."""
+    tprompts = [common.build_prompt(tok_tgt, *rows[s["i"]]) for s in samples]
+    return common.text_seq_logprobs(target, tok_tgt, tprompts, [s["text"] for s in samples],
+                                    eos=[s["finished"] for s in samples], chunk=args.chunk)
+
+
+def evaluate(step, tag, use_lora=True):
+    """Greedy held-out accuracy per task, and the on-policy sequence KL(theta||target) on one
+    sample per held-out prompt (fixed sampling seed, so before/after see the same randomness)."""
+    t0, res = time.time(), {"step": step, "eval": tag}
+    kls = []
+    for t, rs in held.items():
+        rows = [(t, r) for r in rs]
+        _, gs = rollouts(rows, 1, seed=10**6, greedy=True, step=step, use_lora=use_lora)
+        res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r) for s, (_, r) in zip(gs, rows)]))
+        prompts, ss = rollouts(rows, 1, seed=10**6 + 1, greedy=False, step=step, use_lora=use_lora)
+        ids, am, cm = common.make_batch(tok, prompts, [s["ids"] for s in ss], device)
+        with torch.no_grad(), (contextlib.nullcontext() if use_lora else model.disable_adapter()):
+            lp = (common.completion_logprobs(model, ids, am, cm, args.chunk) * cm).sum(-1)
+        lt, _ = target_seq_logprobs(rows, ss)
+        kls.append(lp - lt)
+    res["seq_kl_target"] = torch.cat(kls).mean().item()
+    res["seconds"] = round(time.time() - t0, 2)
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    common.append_jsonl(os.path.join(args.out_dir, "metrics.jsonl"), res)
+    return res
+
+
+def save_ckpt(step, cursor):
+    """ckpt/: adapter weights, optimizer, step, RNG, data cursor. Written to ckpt.tmp, then swapped
+    in, so a kill at any moment leaves either the old or the new checkpoint whole."""
+    ck, tmp, old = (os.path.join(args.out_dir, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(), "step": step,
+                "cursor": cursor, "rng": common.rng_state()}, os.path.join(tmp, "state.pt"))
+    if os.path.exists(ck):
+        os.replace(ck, old)
+    os.replace(tmp, ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_dir(path, fn):
+    """Write a folder via path.tmp and rename, so merged/ and adapter/ are never half-written."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fn(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# resume or start
+step, cursor = 0, 0
+metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+ck = next((os.path.join(args.out_dir, d) for d in ("ckpt", "ckpt.old") if os.path.exists(os.path.join(args.out_dir, d, "state.pt"))), None)
+if ck:
+    st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+    set_peft_model_state_dict(model, st["adapter"])
+    opt.load_state_dict(st["optimizer"])
+    common.set_rng_state(st["rng"])
+    step, cursor = st["step"], st["cursor"]
+    # drop metrics lines written after the checkpoint (a kill between save_every steps), so the
+    # log has each step exactly once
+    if os.path.exists(metrics_path):
+        common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path) if m["step"] <= step])
+    print(f"resumed from {ck} at step {step}", flush=True)
+elif os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a run that died before its first checkpoint starts over
+before_path = os.path.join(args.out_dir, "eval_before.json")
+if os.path.exists(before_path):
+    before = common.read_jsonl(before_path)[0]
+else:  # the original teacher (LoRA off), once; kept on disk so a resumed run reports the same numbers
+    before = evaluate(0, "original", use_lora=False)
+    common.write_jsonl(before_path, [before])
+
+# -----------------------------------------------------------------------------
+# loop
+t_start, done_here = time.time(), 0
+while step < args.steps:
+    t0 = time.time()
+    rows = next_prompts(cursor, P)
+    cursor += P
+    # each step's rollouts get their own seed derived from (seed, step): reruns and resumes agree
+    prompts, samples = rollouts(rows, G, seed=args.seed * 1_000_003 + step, greedy=False, step=step)
+    r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1])) for s in samples])
+
+    model.train()
+    ids, am, cm = common.make_batch(tok, [prompts[s["i"]] for s in samples], [s["ids"] for s in samples], device)
+    cm = cm.float()
+    logp_BT = common.completion_logprobs(model, ids, am, cm, args.chunk)  # grad flows into the LoRA
+    with torch.no_grad(), model.disable_adapter():  # the anchor: same weights, LoRA off
+        ref_BT = common.completion_logprobs(model, ids, am, cm, args.chunk)
+    seq_theta_B = (logp_BT.detach() * cm).sum(-1)
+    seq_tgt_B, n_tgt_B = target_seq_logprobs(rows, samples)
+    n_theta_B = cm.sum(-1)
+    r_cal_B = (common.calibration_reward(seq_tgt_B, seq_theta_B, n_tgt_B, n_theta_B) if args.cal_length_norm
+               else common.calibration_reward(seq_tgt_B, seq_theta_B))
+    loss, parts = common.calibration_loss(logp_BT, ref_BT, cm, r_task_B, r_cal_B.cpu(), args.lam, args.beta, G)
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
+    if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+        common.die(f"non-finite at step {step + 1}: loss {loss.item()}, grad norm {gnorm.item()}, "
+                   f"pg {parts['pg'].item()}, kl {parts['kl'].item()}, r_cal range [{r_cal_B.min().item()}, {r_cal_B.max().item()}]; "
+                   f"the last good checkpoint in {args.out_dir}/ckpt is kept: lower --lr or raise --beta and rerun")
+    opt.step()
+    step += 1
+    done_here += 1
+
+    secs = time.time() - t0
+    eta = (time.time() - t_start) / done_here * (args.steps - step)
+    m = {"step": step, "loss": loss.item(), "reward_task": r_task_B.mean().item(), "reward_cal": r_cal_B.mean().item(),
+         "kl_anchor": parts["kl"].item(), "accuracy": r_task_B.mean().item(), "len": n_theta_B.mean().item(),
+         "seq_kl_target": (seq_theta_B - seq_tgt_B).mean().item(), "grad_norm": gnorm.item(),
+         "seconds": round(secs, 3), "eta": round(eta, 1)}
+    print(f"step {step}/{args.steps} | loss {m['loss']:.4f} | r_task {m['reward_task']:.3f} | r_cal {m['reward_cal']:.2f} | "
+          f"kl {m['kl_anchor']:.4f} | seq_kl_tgt {m['seq_kl_target']:.2f} | len {m['len']:.1f} | {secs:.1f}s | eta {common.fmt_secs(eta)}",
+          flush=True)
+    common.append_jsonl(metrics_path, m)
+    if args.sample_every and step % args.sample_every == 0:
+        s = samples[0]
+        print(f"  sample ({rows[0][0]}, correct={bool(r_task_B[0])}): {s['text'][:300]!r}", flush=True)
+    if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+        evaluate(step, "calibrated")
+    if step % args.save_every == 0 or step == args.steps:
+        save_ckpt(step, cursor)
+    if args.stop_after and step >= args.stop_after and step < args.steps:
+        print(f"stopping after step {step} (--stop_after); rerun to resume", flush=True)
+        sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# outputs: adapter, held-out eval of the calibrated teacher, merged model, summary
+save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
+after = evaluate(step, "calibrated")
+merged = model.merge_and_unload()  # plain HF model: loads with AutoModelForCausalLM.from_pretrained
+
+
+def save_merged(path):
+    merged.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+save_dir(os.path.join(args.out_dir, "merged"), save_merged)
+shutil.rmtree(lora_dir, ignore_errors=True)
+rows = common.read_jsonl(metrics_path)
+train = [r for r in rows if "eval" not in r]
+summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.teacher, "target": args.target,
+           "acc": {"original": {t: before[f"acc_{t}"] for t in args.tasks}, "calibrated": {t: after[f"acc_{t}"] for t in args.tasks}},
+           "seq_kl_target": {"original": before["seq_kl_target"], "calibrated": after["seq_kl_target"]},
+           "train_first_last": {k: [train[0][k], train[-1][k]] for k in ("reward_task", "reward_cal", "seq_kl_target", "kl_anchor")} if train else {},
+           "n_eval": {t: len(r) for t, r in held.items()}}
+common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
+print(f"done: acc {summary['acc']} | seq_kl_target {before['seq_kl_target']:.2f} -> {after['seq_kl_target']:.2f} | "
+      f"wrote {args.out_dir}/{{adapter,merged,ckpt,summary.json}}", flush=True)
