@@ -826,6 +826,33 @@ def _rank(a):
     return r
 
 
+def tail_spearman(acc, freq_V, keys=("1", "5", "20", "100", "all"), signed=False):
+    """Figure 2's correlation per k from a tail_noise_update accumulator: Spearman rho between a
+    token's frequency in the rollouts freq_V (V,) and its per-position contribution acc[k]/acc['n']
+    (|.| unless signed), over tokens realized at least once AND ever inside the top-k (non-zero
+    sum; tokens never in the top-k would add a block of ties at 0). {key: rho or None}."""
+    out = {}
+    for key in keys:
+        y_V = acc[key].double().cpu().numpy() / max(acc.get("n", 0), 1)
+        y_V = y_V if signed else np.abs(y_V)
+        m = (np.asarray(freq_V) > 0) & (acc[key].cpu().numpy() != 0)
+        rho = spearman(np.asarray(freq_V)[m], y_V[m])
+        out[key] = None if math.isnan(rho) else rho
+    return out
+
+
+def forking_share(kl_N, ent_N, frac=0.2):
+    """Share of the total token KL that sits on the ceil(frac*N) highest-entropy positions (paper
+    4.2, 'forking tokens'). kl_N, ent_N: (N,) per-position KL and student entropy. Ties in entropy
+    are broken by position order (stable sort), so the count is exact."""
+    kl_N, ent_N = np.asarray(kl_N, float), np.asarray(ent_N, float)
+    total = kl_N.sum()
+    if len(kl_N) == 0 or total == 0:
+        return None
+    top = np.argsort(-ent_N, kind="stable")[:math.ceil(frac * len(kl_N))]
+    return float(kl_N[top].sum() / total)
+
+
 # -----------------------------------------------------------------------------
 # RL: group normalization, REINFORCE, KL anchor (paper 5.2, Algorithm 1)
 
