@@ -980,3 +980,97 @@ def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, ma
         if show:
             progress(min(s + batch_size, len(order)), len(order), t0, show, "seqs")
     return out
+
+
+# -----------------------------------------------------------------------------
+# failure-mode detectors (paper section 6.5; stage 05). Pure functions on one completion's text.
+
+# phrases that open a recheck phase ("Wait, let me verify", "double-check", the toy "wait, check: ...")
+RECHECK = re.compile(r"\b(?:wait|hold on|let me (?:verify|check|double[- ]check|re-?check|re-?verify|reconsider)|"
+                     r"double[- ]check|re-?check|verify|check\s*:)", re.I)
+
+
+def final_answer_marked(task, text):
+    """Did the completion commit to a final answer in some recognised scheme ('#### x', \\boxed{x},
+    'the answer is x')? Stricter than extract_answer, whose last-number fallback finds an 'answer'
+    in almost any math text; this is the 'no final answer' detector's test."""
+    if task_kind(task) == "open":
+        return bool(text.strip())
+    return bool(re.search(r"####\s*\S|\\boxed\{|answer is\s*:?\s*\S", text, flags=re.I))
+
+
+def repetition_loop(task, text, min_repeats=4, max_span=32, min_units=8):
+    """A span of w units (words or punctuation marks, 1 <= w <= max_span) repeated back to back at
+    least min_repeats times (and over at least min_units units, so '1 1 1' or '---' is not a loop),
+    after which the completion never recovers: no final answer is committed after the loop ends
+    (it ends inside the loop, or trails off). Returns the longest such loop as
+    {"span", "repeats", "start", "end"} (character offsets) or None. O(len * max_span)."""
+    ms = list(re.finditer(r"\w+|[^\w\s]", text))
+    u = [m.group(0).lower() for m in ms]
+    n, best = len(u), None
+    for w in range(1, min(max_span, n // 2) + 1):
+        run = 0  # consecutive i with u[i] == u[i + w]: the region u[i - run + 1 : i + w + 1] is periodic with period w
+        for i in range(n - w):
+            run = run + 1 if u[i] == u[i + w] else 0
+            length = run + w
+            if length >= max(min_repeats * w, min_units) and (best is None or length > best[1] - best[0]):
+                best = (i - run + 1, i + w + 1, w)
+    if best is None:
+        return None
+    s, e, w = best
+    start, end = ms[s].start(), ms[e - 1].end()
+    if final_answer_marked(task, text[end:]):
+        return None  # it recovered: an answer came after the loop
+    return {"span": " ".join(u[s:s + w]), "repeats": (e - s) // w, "start": start, "end": end}
+
+
+def self_check_flip(task, text, row):
+    """A recheck phrase (RECHECK) after an intermediate answer that was correct, then a different,
+    wrong final answer. The intermediate answer is extract_answer on the text before the phrase (for
+    math, with no marker yet, the last number: the last computed value). Returns
+    {"cut": char offset of the phrase, "intermediate", "final"} for the first such phrase, or None."""
+    if task_kind(task) == "open" or grade(task, text, row):
+        return None
+    final = extract_answer(task, text)
+    if final is None:
+        return None
+    for m in RECHECK.finditer(text):
+        pre = text[:m.start()]
+        mid = extract_answer(task, pre)
+        if mid is not None and mid != final and grade(task, pre, row):
+            return {"cut": m.start(), "intermediate": mid, "final": final}
+    return None
+
+
+def format_drift(task, text):
+    """The final answer given in another labelling scheme than the one asked for (MATH_INSTRUCTION:
+    '#### <number>'; MC_INSTRUCTION: 'The answer is (X)'). Returns the scheme used ('letter',
+    'answer is', 'boxed', 'number', 'option text', '####') or None (asked scheme, or no answer at all:
+    that is the no-answer detector's case)."""
+    kind = task_kind(task)
+    if kind == "math":
+        m = re.findall(r"####\s*(\S+)", text)
+        if m:
+            return None if re.match(r"\$?-?\d", m[-1]) else ("letter" if re.fullmatch(r"\(?[A-Pa-p]\)?[.:]?", m[-1]) else "####")
+        if re.search(r"\\boxed\{", text):
+            return "boxed"
+        if re.search(r"answer is\s*:?\s*\S", text, flags=re.I):
+            return "answer is"
+        return None
+    if kind == "mc":
+        if re.search(r"answer is\s*:?\s*\(?[A-P]\)?(?![A-Za-z])", text):
+            return None
+        m = re.findall(r"answer is\s*:?\s*\(?(\S+)", text, flags=re.I)
+        if m:
+            return "number" if re.match(r"\d", m[-1]) else "option text"
+        if re.search(r"####\s*\S", text):
+            return "####"
+        if re.search(r"\\boxed\{", text):
+            return "boxed"
+        return None
+    return None
+
+
+def overconfident_wrong(answers, correct):
+    """Per prompt: the majority-voted answer is wrong while some sample is right (the maj/pass gap)."""
+    return any(bool(c) for c in correct) and not maj_at_k(answers, correct)
