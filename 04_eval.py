@@ -37,7 +37,7 @@ Expected on the toy world (2 CPU cores, 9 models x 2 tasks x 64 prompts x 16 sam
 Departures: the paper uses n = k = 16 samples for pass@16; we do too (pass@k needs n >= k, and
 n = k makes it the plain "any correct"). Models are evaluated one at a time to bound memory.
 """
-import argparse, math, os, re, sys, time
+import argparse, gc, math, os, re, sys, time
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def reusable(name, task):
         return None
     s = common.read_jsonl(path)
     qs = [common.format_question(task, r) for r in rows[task]]
-    if len(s) != len(qs) * args.k or any(x.get("question") != qs[x["i"]] for x in s):
+    if len(s) != len(qs) * args.k or any(x["i"] >= len(qs) or x.get("question") != qs[x["i"]] for x in s):
         print(f"note: {path} was made with other prompts or another k; resampling")
         return None
     return s
@@ -143,7 +143,7 @@ def sigmoid(x):
 
 # ----------------------------------------------------------------------------- sampling, one model at a time
 samples = {}  # (name, task) -> rows
-t_start = time.time()
+t_start, gen_secs, gen_tokens = time.time(), 0.0, 0
 for name, path in models.items():
     todo = []
     for task in args.tasks:
@@ -179,11 +179,13 @@ for name, path in models.items():
         common.write_jsonl(sample_path(name, task), s)
         samples[(name, task)] = s
         n_tok = sum(x["n_tokens"] for x in s)
+        gen_secs, gen_tokens = gen_secs + secs, gen_tokens + n_tok
         m = {"model": name, "task": task, "n": len(s), "secs": round(secs, 2), "tok_per_s": round(n_tok / secs, 1),
              "mean_tokens": round(n_tok / len(s), 1), "finished": round(np.mean([x["finished"] for x in s]), 4)}
         print(" | ".join(f"{k} {v}" for k, v in m.items()), flush=True)
         common.append_jsonl(metrics_path, m)
     del model, engine
+    gc.collect()  # the next model must fit where this one was
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -280,4 +282,6 @@ common.atomic_write_json(os.path.join(args.out_dir, f"{args.table}.json"), table
 md = render(table, args.tasks)
 common.atomic_write_text(os.path.join(args.out_dir, f"{args.table}.md"), md)
 print(md)
+if gen_secs:
+    print(f"sampling: {gen_tokens} tokens in {gen_secs:.1f}s ({gen_tokens / gen_secs:.0f} tokens/s)")
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {os.path.join(args.out_dir, args.table + '.md')}")
