@@ -690,9 +690,12 @@ def token_divergence(student_logits, teacher_logits, beta=1.0, teacher_topk=None
 
 
 def _kl(lp, lq):
-    """KL(p||q) = sum_v p (log p - log q) from log-probs, with 0 * log 0 = 0 (top-k masks)."""
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    """KL(p||q) = sum_v p (log p - log q) from log-probs, with 0 * log 0 = 0 (top-k masks).
+    The sum over V is a batched dot product, so no third (N, V) temporary is made."""
+    p, d = lp.exp(), lp - lq
+    if not torch.isfinite(lp).all():  # top-k masked entries: p = 0 and log p = -inf
+        d = d.masked_fill(p == 0, 0.0)
+    return (p.unsqueeze(-2) @ d.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
 def shared_vocab(student, teacher, student_tok=None, teacher_tok=None):
@@ -859,12 +862,15 @@ def forking_share(kl_N, ent_N, frac=0.2):
 
 def group_normalize(rewards, group_size, eps=1e-6):
     """(P*G,) rewards, prompt-major -> zero mean, unit (population) variance within each group of G.
-    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (no NaN,
-    no division by eps blowing noise up)."""
-    r_PG = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (no NaN).
+    'Equal' is relative to the rewards' scale: sequence log-probs of identical completions scored
+    in different batch slots differ by float rounding, and normalizing that noise to unit variance
+    would hand out random +-1 advantages."""
+    r_PG = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
     mu = r_PG.mean(1, keepdim=True)
     sd = r_PG.std(1, unbiased=False, keepdim=True)
-    a = torch.where(sd > eps, (r_PG - mu) / sd.clamp(min=eps), torch.zeros_like(r_PG))
+    a = torch.where(sd > eps * mu.abs().clamp(min=1), (r_PG - mu) / sd.clamp(min=1e-30), torch.zeros_like(r_PG))
+    a = a.float()
     return a.view(-1)
 
 

@@ -266,6 +266,9 @@ def test_group_normalize():
     assert (a[1] == 0).all()  # zero-variance group: no signal, no NaN
     assert a[2].tolist() == pytest.approx([-1 / math.sqrt(3)] * 3 + [math.sqrt(3)], rel=1e-5)
     assert torch.isfinite(C.group_normalize(torch.full((6,), 1e9), 3)).all()
+    # float-rounding differences of a large reward are no signal (identical completions' log-probs)
+    assert (C.group_normalize(torch.tensor([-50.0, -50.00001, -50.0, -50.0]), 4) == 0).all()
+    assert C.group_normalize(torch.tensor([-50.0, -50.1, -50.0, -50.0]), 4).abs().max() > 1  # a real difference is kept
     assert a[0, 3] > a[0, 0]  # order preserved (a sign flip fails here)
 
 
@@ -288,6 +291,9 @@ def test_k3_anchor_is_unbiased_and_nonnegative():
     est = C.k3_kl(lp[y][None], lq[y][None], torch.ones(1, len(y)))
     assert est.item() == pytest.approx(brute_kl(lp.exp().tolist(), lq.exp().tolist()), abs=0.02)
     assert C.k3_kl(lp[y][None], lp[y][None], torch.ones(1, len(y))).item() == pytest.approx(0.0, abs=1e-7)
+    # one token, closed form: log p = -2, log ref = -1 -> r = e, k3 = e - 1 - 1 (k1 would be -1 < 0)
+    one = C.k3_kl(torch.tensor([[-2.0, -9.0]]), torch.tensor([[-1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert one.item() == pytest.approx(math.e - 2, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
