@@ -16,7 +16,8 @@ labels), fp32, chunked over positions so both models' (B, L, V) logits never exi
         --student runs/toy/00_toy_world/student --data runs/toy/00_toy_world/data \
         --out_dir runs/toy/03_distill/rkl_original                                  # ~1 min, 2 cores
 
-Writes out_dir/config.json (first), teacher_samples.json (cached, reused on resume), metrics.jsonl
+Writes out_dir/config.json (first), teacher_samples.json (cached and reused on resume; point sft and
+fkl runs at one file with --samples_file so the teacher samples once), metrics.jsonl
 (one row per step: step, loss, kl, len, acc every eval_every, seconds, eta), ckpt/state.pt
 (trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; atomic, resumed
 automatically), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
@@ -62,6 +63,7 @@ p.add_argument("--max_new_tokens", type=int, default=96, help="completion length
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student samples")
 p.add_argument("--n_prompts", type=int, default=256, help="train prompts per task")
 p.add_argument("--teacher_samples", type=int, default=4, help="teacher samples per train prompt (off-policy pool)")
+p.add_argument("--samples_file", default="", help="teacher-sample cache to share between runs (default out_dir/teacher_samples.json)")
 p.add_argument("--lora", type=int, default=0, help="student LoRA rank (0 = full fine-tuning)")
 p.add_argument("--n_eval", type=int, default=100, help="held-out prompts per task for greedy accuracy")
 p.add_argument("--eval_every", type=int, default=0, help="greedy eval every N steps (0 = before and after only)")
@@ -91,7 +93,8 @@ metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 t_start = time.time()
 
 stok, ttok = common.load_tokenizer(args.student), common.load_tokenizer(args.teacher)
-student = common.load_model(args.student, device, dtype=torch.float32 if device.type == "cpu" else None, trainable=True)
+# fp32 master weights for the student (AdamW on bf16 weights loses small updates); bf16 autocast on CUDA
+student = common.load_model(args.student, device, dtype=torch.float32, trainable=True)
 teacher = common.load_model(args.teacher, device)
 vocab = None
 if BETA is not None:
@@ -119,8 +122,9 @@ print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmb
 # ----------------------------------------------------------------------------- helpers
 def teacher_pool():
     """Off-policy pool: --teacher_samples samples per train prompt from the teacher, made once and
-    cached in out_dir (a resumed or repeated run with the same settings reuses them)."""
-    path = os.path.join(args.out_dir, "teacher_samples.json")
+    cached (a resumed run, or an sft and an fkl run pointed at one --samples_file, reuse them when
+    the settings that made them match)."""
+    path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
     key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
     if os.path.exists(path):
         with open(path) as f:
@@ -252,7 +256,7 @@ if "acc_before" not in summary:
     print(f"step 0 | acc {acc0:.3f} {per0} | eval {time.time() - t0:.1f}s", flush=True)
 
 # ----------------------------------------------------------------------------- loop
-t_loop = time.time()
+t_loop, last_saved = time.time(), start
 for step in range(start + 1, args.steps + 1):
     t0 = time.time()
     # the coin and the sampling seed depend only on (seed, step): a resumed run flips the same coins
@@ -265,16 +269,18 @@ for step in range(start + 1, args.steps + 1):
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
     student.train()
-    loss, mean_len = batch_loss(items, comps)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, mean_len = batch_loss(items, comps)
+    good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
     if not torch.isfinite(loss):
         common.die(f"non-finite loss {loss.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
-                   f"{mean_len:.1f}); the last good checkpoint is {ckpt_path} (if saved); lower --lr or check the models")
+                   f"{mean_len:.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not torch.isfinite(gnorm):
         common.die(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss.item():.4f}); weights not updated, "
-                   f"the last good checkpoint is {ckpt_path} (if saved); lower --lr or set --grad_clip")
+                   f"{good}; lower --lr or check the models")
     opt.step()
     if engine is not None:
         common.vllm_sync_weights(engine, hf_weights_view())
@@ -292,6 +298,7 @@ for step in range(start + 1, args.steps + 1):
           f"{acc_s} | {row['seconds']:.2f}s | eta {common.fmt_secs(row['eta'])}", flush=True)
     if step % args.save_every == 0 or step == args.steps:
         save_ckpt(step, state)
+        last_saved = step
 
 # ----------------------------------------------------------------------------- outputs
 last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) and os.path.getsize(metrics_path) else {}
