@@ -160,6 +160,12 @@ def _not_found(name_or_path, err):
             f"pass a local folder, e.g. runs/toy/00_toy_world/teacher, or download it first with `hf download {name_or_path}`")
 
 
+def _quiet_transformers():
+    """One printed line per step is ours; transformers' per-load progress bars are noise."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name_or_path, padding_side="left"):
     """Left padding so generation continues right after each prompt; pad falls back to eos."""
     from transformers import AutoTokenizer
@@ -176,6 +182,7 @@ def load_tokenizer(name_or_path, padding_side="left"):
 def load_model(name_or_path, device="auto", dtype=None, trainable=False):
     """A causal LM in eval mode (or train mode if trainable) on `device` with the default dtype."""
     from transformers import AutoModelForCausalLM
+    _quiet_transformers()
     device = get_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     try:
