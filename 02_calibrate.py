@@ -85,6 +85,7 @@ p.add_argument("--stop_after", type=int, default=0, help="exit after this step a
 p.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk when scoring")
 p.add_argument("--backend", default="auto", help="rollouts: hf, vllm or auto (vllm on CUDA when installed)")
 p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+p.add_argument("--threads", type=int, default=1, help="CPU torch threads (0: torch's default); see below")
 p.add_argument("--seed", type=int, default=0, help="LoRA init, data order and rollout seeds")
 args = common.parse_args(p)
 if isinstance(args.tasks, str):
@@ -97,6 +98,11 @@ common.write_config(args.out_dir, args)
 # seed, device, inputs
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
+if device.type == "cpu" and args.threads:
+    # the toy models are op-overhead bound: one thread is as fast as two on a quiet machine, and on
+    # shared cores two threads spin against each other (measured: a 64-rollout generate took 17 CPU-s
+    # with 2 threads vs 1.9 with 1 while other jobs loaded the machine)
+    torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 P, G = args.prompts_per_step, args.group_size
 for t in args.tasks:
