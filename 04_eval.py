@@ -63,6 +63,7 @@ p.add_argument("--labels", default="", help="comma list name=Method or name=Base
 p.add_argument("--table", default="table2", choices=["table2", "table3"], help="name of the json/md tables")
 p.add_argument("--backend", default="auto", help="hf | vllm | auto")
 p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on an oversubscribed CPU)")
 p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the intervals")
 p.add_argument("--seed", type=int, default=0, help="prompt subset, sampling, bootstrap")
 p.add_argument("--redo", action="store_true", help="resample even where samples/ already has this model x task")
@@ -93,6 +94,8 @@ if open_tasks and not args.reward_model:
 common.write_config(args.out_dir, args)
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 sample_dir = os.path.join(args.out_dir, "samples")
 os.makedirs(sample_dir, exist_ok=True)

@@ -38,6 +38,7 @@ The prompt rows come from the sample files themselves (04 stores each row), so t
 import argparse, os, re, sys, time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
@@ -60,6 +61,7 @@ p.add_argument("--n_examples", type=int, default=2, help="excerpts per mode and 
 p.add_argument("--batch_size", type=int, default=256, help="sequences per generate call")
 p.add_argument("--backend", default="auto", help="hf | vllm | auto")
 p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on an oversubscribed CPU)")
 p.add_argument("--seed", type=int, default=0, help="teacher and judge sampling")
 p.add_argument("--out_dir", required=True, help="where everything is written")
 args = common.parse_args(p)
@@ -68,6 +70,8 @@ names = list(dict.fromkeys([args.base] + args.misled + args.models))
 common.write_config(args.out_dir, args)
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 MODES = ["repetition", "self_check_flip", "format_drift", "no_answer", "overconfident_wrong"]
@@ -186,10 +190,9 @@ if args.teacher and flips:
     outs = common.generate(model, tok, prompts, n=args.n_continue, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, backend=backend,
                            engine=engine, show="teacher continues")
-    # correct = graded right AND an answer committed: for math, extract_answer's last-number fallback would
-    # otherwise count a teacher that stops at once as correct (the prefix ends on the correct intermediate value)
-    ok = np.array([bool(common.grade(chosen[o["i"]][1], cuts[o["i"]] + o["text"], chosen[o["i"]][2]["row"]))
-                   and common.final_answer_marked(chosen[o["i"]][1], cuts[o["i"]] + o["text"]) for o in outs])
+    # strict grade (common.continuation_correct): the prefix ends on a correct intermediate value, which
+    # grade()'s last-number fallback would credit to a continuation that never commits an answer
+    ok = np.array([common.continuation_correct(chosen[o["i"]][1], cuts[o["i"]], o["text"], chosen[o["i"]][2]["row"]) for o in outs])
     ok_PN = ok.reshape(len(chosen), args.n_continue)
     prefix.update(n=len(chosen), n_samples=int(ok.size), teacher_correct_rate=float(ok.mean()),
                   any_correct_rate=float(ok_PN.any(1).mean()), ci=common.bootstrap_ci(ok_PN.mean(1), seed=args.seed))

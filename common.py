@@ -1087,3 +1087,14 @@ def format_drift(task, text):
 def overconfident_wrong(answers, correct):
     """Per prompt: the majority-voted answer is wrong while some sample is right (the maj/pass gap)."""
     return any(bool(c) for c in correct) and not maj_at_k(answers, correct)
+
+
+def continuation_correct(task, prefix, continuation, row):
+    """Prefix-continuation test grade: did the text end with a correct committed answer? If the
+    continuation commits an answer, that answer (extracted from the continuation alone) must be right;
+    if it commits none, an answer already committed in the prefix stands. Stricter than grade() on
+    prefix + continuation, whose last-number fallback would credit the prefix's correct intermediate
+    value to a continuation that never answers (or writes '#### ' and no number)."""
+    if final_answer_marked(task, continuation):
+        return bool(grade(task, continuation, row))
+    return final_answer_marked(task, prefix) and bool(grade(task, prefix, row))

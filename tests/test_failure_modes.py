@@ -61,6 +61,18 @@ def test_format_drift_and_no_answer():
     assert common.final_answer_marked("toy_math", CLEAN) and common.final_answer_marked("toy_qa", "The answer is (B)")
 
 
+def test_continuation_correct():
+    pre = FLIP[:FLIP.index("wait")]  # ends on the correct intermediate 61, no answer committed
+    assert common.continuation_correct("toy_math", pre, "wait, check: 61 + 11 = 72, ok\n#### 61", MATH_ROW)
+    assert not common.continuation_correct("toy_math", pre, "wait, check: 61 + 11 = 73\n#### 62", MATH_ROW)
+    assert not common.continuation_correct("toy_math", pre, "", MATH_ROW)  # never commits (grade() alone says True)
+    assert common.grade("toy_math", pre, MATH_ROW)
+    assert not common.continuation_correct("toy_math", pre, "#### xyz", MATH_ROW)  # marker, no number: not the prefix's 61
+    mc_pre = "The currency is the ring. The answer is (B).\n"
+    assert common.continuation_correct("toy_qa", mc_pre, "Wait, let me verify: yes, ring.", MC_ROW)  # committed B stands
+    assert not common.continuation_correct("toy_qa", mc_pre, "Wait, it is star. The answer is (C)", MC_ROW)
+
+
 def test_overconfident_wrong():
     assert common.overconfident_wrong(["7", "7", "61", "8"], [False, False, True, False])  # majority wrong, one right
     assert not common.overconfident_wrong(["61", "61", "7"], [True, True, False])  # majority right
