@@ -62,7 +62,8 @@ p.add_argument("--n_samples", type=int, default=16, help="rollouts per prompt pe
 p.add_argument("--max_new_tokens", type=int, default=128, help="completion length cap")
 p.add_argument("--temperature", type=float, default=1.0, help="1.0 = unbiased sampling (no top-k/top-p ever)")
 p.add_argument("--forking_frac", type=float, default=0.2, help="share of highest-entropy positions called forking")
-p.add_argument("--batch_size", type=int, default=128, help="sequences per generation / scoring batch")
+p.add_argument("--batch_size", type=int, default=512, help="sequences per generation batch (lower it for big models on the hf backend)")
+p.add_argument("--score_batch", type=int, default=64, help="sequences per scoring forward (both models)")
 p.add_argument("--chunk", type=int, default=512, help="positions per (chunk, V) logits block in token KL")
 p.add_argument("--backend", default="auto", help="generation: hf | vllm | auto (vllm on CUDA when installed)")
 p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -111,8 +112,8 @@ def score(samples, prompts_s, prompts_t, sampler, tail=None):
     pooled = {"rkl": [], "fkl": [], "ent": []}
     order = np.argsort([len(x["ids"]) for x in samples], kind="stable")  # similar lengths batch together: less padding
     t0 = time.time()
-    for s in range(0, B, args.batch_size):
-        idx = order[s:s + args.batch_size]
+    for s in range(0, B, args.score_batch):
+        idx = order[s:s + args.score_batch]
         xs = [samples[j] for j in idx]
         ids = [x["ids"] for x in xs]
         ps, pt = [prompts_s[x["i"]] for x in xs], [prompts_t[x["i"]] for x in xs]
@@ -147,7 +148,7 @@ def score(samples, prompts_s, prompts_t, sampler, tail=None):
             out["lp_s"][idx] = common.completion_logprobs(student, *b_s, chunk=args.chunk).sum(-1).double().cpu().numpy()
             out["lp_t"][idx] = common.completion_logprobs(teacher, *b_t, chunk=args.chunk).sum(-1).double().cpu().numpy()
         out["n_tok"][idx] = [len(x) for x in ids]
-        common.progress(min(s + args.batch_size, B), B, t0, f"score {sampler} samples", "seq")
+        common.progress(min(s + args.score_batch, B), B, t0, f"score {sampler} samples", "seq")
     if vocab is None:
         return out, None
     return out, {k: torch.cat(v).double().numpy() for k, v in pooled.items()}

@@ -79,7 +79,7 @@ def _run(tiny_dirs, tmp_path, teacher, out, n_prompts=3, n_samples=4):
     cmd = [sys.executable, os.path.join(ROOT, "01_pilot_kl.py"), "--teacher", str(tiny_dirs / teacher),
            "--student", str(tiny_dirs / "student"), "--data", str(data), "--out_dir", str(out),
            "--n_prompts", str(n_prompts), "--n_samples", str(n_samples), "--max_new_tokens", "12",
-           "--batch_size", "5", "--chunk", "7", "--device", "cpu", "--backend", "hf"]
+           "--batch_size", "5", "--score_batch", "5", "--chunk", "7", "--device", "cpu", "--backend", "hf"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("config.json", "table1.json", "table1.md", "tail_noise.png", "rollouts.jsonl", "metrics.jsonl"):
