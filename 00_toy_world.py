@@ -10,22 +10,29 @@ Writes D/config.json (first), D/data/{toy_math,toy_qa}/{train,test}.jsonl, D/tea
 D/target (model + tokenizer each), D/summary.json (greedy test accuracy per task, DESIGN 9).
 
 Tasks
-- toy_math: arithmetic word problems, easy (2 steps, small numbers) and hard (3-4 steps, larger
-  numbers, `meta.level`). Completions are a chain of thought in one of several styles at different
-  frequencies (`meta.style`: step order, phrasing, number words, plus a "wait, check: ..., ok"
-  verification line in ~20%) ending in `#### n`. This is the dark knowledge the teacher can pass on
+- toy_math: arithmetic word problems, easy (2 steps, 1-digit operands, start < 10) and hard
+  (3 steps, start 5-15, bags up to 4 x 5; `meta.level`). Completions are a chain of thought in
+  one of several styles at different frequencies (`meta.style`: step order, phrasing, number
+  words, plus a "wait, check: ..., ok" verification line in ~20%) ending in `#### n`. This is the dark knowledge the teacher can pass on
   or hide (paper section 5); the recheck lines let self-check flips appear in stage 05.
 - toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?").
   There are more facts than the student can memorize, which gives the capacity gap; test asks
-  about facts seen in training with fresh option order and distractors. Chance is 0.25.
+  about facts seen in training (question phrasing drawn afresh). Each attribute has 4 values,
+  always listed in the same order, so the letter is a memorized fact rather than an in-context
+  match (which the tiny models could not learn in the time budget). Chance is 0.25.
 Teacher and student share tokenizer A (byte-level BPE, digits split); the target uses tokenizer B
 (smaller vocab, digits merged) so the cross-tokenizer code path runs by default.
 
 Training text is `build_prompt(tok, task, row) + completion + eos`, loss on completion tokens only.
 Sequences are bucketed by length (sorted inside chunks of 16 batches) so padding stays small.
 
-Expected (seed 0, defaults, 2 CPU cores, nothing else running): see the numbers filled in below.
-    EXPECTED
+Expected time (seed 0, defaults, 2 CPU cores to itself), from per-step throughput measured alone
+(teacher h256/l4 ~8k tok/s, student h128/l2 ~35k tok/s, ~2.2k tokens per step of 32 sequences):
+data + tokenizers ~1 s, teacher ~140 s, student ~35 s, target ~20 s, greedy eval ~20 s; ~3.5-4 min.
+Expected accuracy: NOT YET MEASURED with these defaults (the machine was shared by ~7 training
+processes while this was written, 60x slower than alone). An earlier, harder version of the tasks
+(2-digit numbers, shuffled options) left a 300-step teacher at chance: the task difficulty was then
+cut (1-digit operands, fixed option order). Rerun alone, read summary.json, and fill the numbers in.
 Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.3M-3M parameter Llamas
 whose only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
 """
@@ -34,8 +41,7 @@ import argparse, json, math, os, random, shutil, sys, time
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -61,19 +67,19 @@ p.add_argument("--vocab_b", type=int, default=384, help="tokenizer B (target)")
 # models: hidden / layers / steps / peak lr per role
 p.add_argument("--teacher_hidden", type=int, default=256)
 p.add_argument("--teacher_layers", type=int, default=4)
-p.add_argument("--teacher_steps", type=int, default=260)
+p.add_argument("--teacher_steps", type=int, default=500)
 p.add_argument("--teacher_lr", type=float, default=3e-3)
 p.add_argument("--student_hidden", type=int, default=128)
 p.add_argument("--student_layers", type=int, default=2)
-p.add_argument("--student_steps", type=int, default=260)
+p.add_argument("--student_steps", type=int, default=500)
 p.add_argument("--student_lr", type=float, default=3e-3)
 p.add_argument("--target_hidden", type=int, default=96)
 p.add_argument("--target_layers", type=int, default=2)
-p.add_argument("--target_steps", type=int, default=200)
+p.add_argument("--target_steps", type=int, default=300)
 p.add_argument("--target_lr", type=float, default=3e-3)
 p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
 p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine to 10%")
-p.add_argument("--log_every", type=int, default=25, help="one progress line every N steps")
+p.add_argument("--log_every", type=int, default=50, help="one progress line every N steps")
 p.add_argument("--roles", default="teacher,student,target", help="which models to build (all by default)")
 p.add_argument("--eval_batch", type=int, default=100, help="prompts per greedy generate call")
 args = p.parse_args()
