@@ -27,8 +27,11 @@ Writes config.json (first), metrics.jsonl (one line per model x task), failure_m
 plus "focus", "by_task", "truncated", counts), failure_modes.md, examples.md (short excerpts per mode
 and model), failure_modes.png (bars per model).
 
-Expected on the toy world (2 CPU cores): see EXPECTED.
-    EXPECTED
+Expected time (measured with --threads 1 while the 2 cores ran at load average 7-9 from other jobs):
+the detectors take ~1.7 s per 3 models x 1,024 completions (about 6 s for 9 models x 2 tasks); the
+prefix test, 64 prefixes x 4 continuations x up to 96 tokens on a 3.3M-parameter toy teacher, took
+70-85 s (random-init teacher, so every continuation ran the full 96 tokens; a trained one stops
+sooner). Rates on real misled students: not measured yet (stages 02/03 were being written).
 
 Departures: the paper builds its taxonomy iteratively with a Claude judge; here the detectors are
 fixed rules and the judge (--judge, any local chat model, prompt below) is optional and off by
