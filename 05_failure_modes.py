@@ -282,7 +282,10 @@ def excerpt(t, x, f, m):
 ex = ["# Failure-mode examples\n\nShort excerpts per mode and model (focus-set cases first).\n"]
 for n in names:
     for m in MODES:
-        cases = sorted(examples.get((n, m), []), key=lambda e: not e[3])[:args.n_examples]
+        seen = {}  # one excerpt per prompt, focus-set cases first
+        for e in sorted(examples.get((n, m), []), key=lambda e: not e[3]):
+            seen.setdefault((e[0], e[1]["i"]), e)
+        cases = list(seen.values())[:args.n_examples]
         if not cases:
             continue
         ex.append(f"\n## {n}: {m} ({pct(result[n][m])} over all prompts)\n")
