@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 import common as C
@@ -31,6 +32,12 @@ p.add_argument("--batch", type=int, default=16)
 p.add_argument("--length", type=int, default=1024)
 p.add_argument("--naive_batches", default="1,2", help="naive sizes actually run (x length)")
 p.add_argument("--chunk", type=int, default=512, help="positions per chunk")
+p.add_argument("--step_batch", type=int, default=16, help="cpu_step: prompts per step")
+p.add_argument("--new_tokens", type=int, default=64, help="cpu_step: max new tokens per completion")
+p.add_argument("--lr", type=float, default=1e-3, help="cpu_step: AdamW lr, both sides")
+p.add_argument("--warmup", type=int, default=2, help="cpu_step: untimed steps")
+p.add_argument("--iters", type=int, default=12, help="cpu_step: timed steps (median)")
+p.add_argument("--threads", type=int, default=0, help="cpu_step: torch threads (0 = torch's default)")
 p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)  # internal: run one variant
 args = C.parse_args(p)
 
@@ -94,7 +101,191 @@ def bench_memory():
     return {"rows": rows, "big": big, "naive_extrapolated_mb": est}
 
 
+
+# ----------------------------------------------------------------------------- cpu_step
+# One on-policy reverse-KL step of 03_distill.py (--method rkl) against TRL's GKDTrainer (lmbda 1, beta 1) on
+# the DESIGN-10 setup, and our step's floor: its parts (generation, teacher forward, student update) each
+# timed alone. Both sides: same initial weights, prompts, batch, max_new_tokens, temperature 1, fp32, AdamW
+# (same lr, no weight decay), grad clip 1. Wall time on a shared machine is noisy, so the load is printed.
+
+def load_avg():
+    return "load avg %.1f / %.1f / %.1f (1/5/15 min)" % os.getloadavg()
+
+
+def toy_setup():
+    """Tokenizer A, student (Llama h128/l2), teacher (h256/l4), prompts. The trained toy world if runs/toy
+    has one; else random-weight Llamas with 00_toy_world.py's configs (a step's cost depends on shapes,
+    not weights) and the tokenizer of any toy world here, or the tests' char tokenizer."""
+    import glob
+    from transformers import LlamaConfig, LlamaForCausalLM
+    toy, data = "runs/toy/00_toy_world", None
+    if os.path.exists(f"{toy}/summary.json"):
+        tok, data = C.load_tokenizer(f"{toy}/student"), f"{toy}/data"
+        return tok, C.load_model(f"{toy}/student", "cpu", trainable=True), C.load_model(f"{toy}/teacher", "cpu"), data
+    found = sorted(glob.glob("runs/*/00_toy_world/student"))
+    if found:
+        tok, data = C.load_tokenizer(found[0]), os.path.join(os.path.dirname(found[0]), "data")
+    else:
+        sys.path.insert(0, "tests")
+        from conftest import char_tokenizer
+        tok = char_tokenizer()
+
+    def llama(h, layers, seed):  # 00_toy_world.py's train_model config, untrained
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=h, num_hidden_layers=layers, intermediate_size=int(h * 8 / 3) // 8 * 8,
+            num_attention_heads=max(2, h // 64), num_key_value_heads=max(2, h // 64), max_position_embeddings=512,
+            tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    return tok, llama(128, 2, 1).train(), llama(256, 4, 2).eval().requires_grad_(False), data
+
+
+def timed(fn, i):
+    t0 = time.perf_counter()
+    fn(i)
+    return time.perf_counter() - t0
+
+
+def ours_step(student, teacher, opt, tok, prompts, vocab, step):
+    """03_distill.py's rkl step, call for call (minus eval, logging, checkpoints); each phase timed."""
+    t = [time.perf_counter()]
+    comps = C.generate(student, tok, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=step)
+    t.append(time.perf_counter())
+    student.train()
+    ids, am, cm = C.make_batch(tok, prompts, [c["ids"] for c in comps])
+    t.append(time.perf_counter())
+    loss = C.chunked_token_divergence(student, teacher, ids, am, cm, beta=1.0, chunk=args.chunk, vocab=vocab).mean()
+    t.append(time.perf_counter())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    t.append(time.perf_counter())
+    return np.diff(t), cm.sum(1).float().mean().item()
+
+
+def trl_trainer(student, teacher, tok, prompts, times, lens, between):
+    """GKDTrainer on the same prompts (a 16-row dataset: every step sees the same prompts, as ours does).
+    between(i) runs after TRL's step i, outside its timing: our measurements interleave with TRL's, so a
+    shared machine's changing load hits both sides alike.
+    fp32 and gradient_checkpointing off: SFTConfig defaults both on, and checkpointing would also turn
+    the KV cache off in generation, i.e. not the same work. None if TRL is not installed."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # TRL >= 1.0 keeps it here
+    except ImportError:
+        return None
+    import tempfile
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):  # TRL's step: from the end of between() to its next step's end (data loading included)
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+            between(len(times) - 1)
+            self.t0 = time.perf_counter()
+
+    class Timed(GKDTrainer):  # records the completion length TRL actually trained on
+        def compute_loss(self, model, inputs, **kw):
+            lens.append((inputs["labels"][:, 1:] != -100).sum(1).float().mean().item())
+            return super().compute_loss(model, inputs, **kw)
+
+    # pre-tokenized rows (prompt ids + a placeholder eos): the collator's prompts are exactly our prompt ids
+    pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ds = Dataset.from_list([{"prompt": t, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
+                            for t, p in zip(prompts, pids)])
+    cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens,
+                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + args.iters, learning_rate=args.lr,
+                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=False,
+                    gradient_checkpointing=False, use_cpu=True, eval_strategy="no", save_strategy="no",
+                    report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
+    return Timed(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+
+
+def bench_cpu_step():
+    import copy
+    import torch.nn.functional as F
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok, s_ours, teacher, data = toy_setup()
+    tok.padding_side = "left"
+    rows = (C.load_task("toy_math", "train", data=data, n=args.step_batch) if data else  # else fixed short prompts
+            [{"prompt": f"Ann has {i + 3} eggs. She buys {i % 4 + 2} more. How many eggs does she have now?"} for i in range(args.step_batch)])
+    prompts = [C.build_prompt(tok, "toy_math", r) for r in rows]
+    s_trl, vocab, B = copy.deepcopy(s_ours), C.shared_vocab(s_ours, teacher, tok, tok), len(prompts)
+    print(f"## cpu_step: on-policy reverse-KL step, student {C.n_params(s_ours) / 1e6:.2f}M / teacher {C.n_params(teacher) / 1e6:.2f}M "
+          f"params, vocab {vocab}, batch {B}, {args.new_tokens} new tokens, T=1, fp32, {torch.get_num_threads()} torch threads; "
+          f"median of {args.iters} steps after {args.warmup} warm-up")
+    # one fixed batch of student samples (same weights on both sides): both losses on it, and the floor's parts
+    comps = C.generate(s_ours, tok, prompts, max_new_tokens=args.new_tokens, temperature=1.0, seed=12345)
+    ids, am, cm = C.make_batch(tok, prompts, [c["ids"] for c in comps])
+    # ours: the step, and the floor's parts alone on a copy of the student and the fixed batch
+    opt = torch.optim.AdamW(s_ours.parameters(), lr=args.lr, weight_decay=0.0)
+    s_f = copy.deepcopy(s_ours)
+    opt_f = torch.optim.AdamW(s_f.parameters(), lr=args.lr, weight_decay=0.0)
+    pred, enc = cm[:, 1:].bool(), tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def student_update(i):
+        F.cross_entropy(s_f(input_ids=ids, attention_mask=am).logits[:, :-1][pred], ids[:, 1:][pred]).backward()
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+    parts = {"generation alone (common.generate)": lambda i: C.generate(s_f, tok, prompts, max_new_tokens=args.new_tokens, seed=i),
+             "teacher forward alone (no grad)": lambda i: torch.no_grad()(teacher)(input_ids=ids, attention_mask=am),
+             "student fwd + bwd + AdamW alone (CE loss)": student_update,
+             "reference: HF model.generate, same prompts": lambda i: s_f.generate(
+                 **enc, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)}
+    steps, lens_ours, part_s = [], [], {k: [] for k in parts}
+
+    def one_round(i):  # one of everything of ours, in turn
+        ph, ln = ours_step(s_ours, teacher, opt, tok, prompts, vocab, i)
+        steps.append(ph), lens_ours.append(ln)
+        for k, fn in parts.items():
+            part_s[k].append(timed(fn, i))
+
+    times, lens = [], []
+    trainer = trl_trainer(s_trl, teacher, tok, prompts, times, lens, one_round)
+    with torch.no_grad():
+        l_ours = C.chunked_token_divergence(s_ours, teacher, ids, am, cm, beta=1.0, chunk=args.chunk, vocab=vocab).mean().item()
+        l_trl = trainer and trainer.compute_loss(s_trl, {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(cm == 0, -100)}).item()
+    lens.clear()
+    loads = [load_avg()]
+    if trainer:  # TRL's own training loop; our rounds run in its step-end callback
+        trainer.train()
+        trl_s, L_trl = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
+    else:
+        for i in range(args.warmup + args.iters):
+            one_round(i)
+    loads.append(load_avg())
+    W = args.warmup
+    phases, L = np.array(steps[W:]), float(np.mean(lens_ours[W:]))
+    floor = {k: float(np.median(v[W:])) for k, v in part_s.items()}
+    hf_gen = floor.pop("reference: HF model.generate, same prompts")
+
+    step_s, floor_s, gen_s = float(np.median(phases.sum(1))), sum(floor.values()), list(floor.values())[0]
+    table = [("**ours step** (03 rkl: generate, make_batch, chunked RKL, backward, clip, AdamW)", step_s, B * L / step_s, f"{step_s / floor_s:.2f}x floor")]
+    table += [(f"&nbsp; ours: {n}", s, None, f"{s / step_s:.0%} of step") for n, s in zip(
+        ["generate", "make_batch", "divergence forward (both trunks, chunked heads)", "backward (incl. checkpointed head recompute)",
+         "clip + AdamW"], np.median(phases, 0))]
+    table += [("**ours floor** (sum of the parts alone)", floor_s, B * L / floor_s, "1.00")]
+    table += [(f"&nbsp; floor: {n}", s, None, f"{s / floor_s:.0%} of floor") for n, s in floor.items()]
+    table += [("&nbsp; reference: HF model.generate, same prompts", hf_gen, None, f"{hf_gen / gen_s:.2f}x common.generate")]
+    if trainer:
+        table += [("**TRL GKDTrainer step** (lmbda 1, beta 1)", trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
+                 ("**speedup ours vs TRL**", None, None, f"{trl_s / step_s:.2f}x")]
+    print("| what | seconds/step (median) | tokens/s | ratio |\n|---|---:|---:|---:|")
+    for what, s, tps, r in table:
+        print(f"| {what} | {'' if s is None else f'{s:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {r} |")
+    if not trainer:
+        print("\nTRL not installed: `pip install trl` (a benchmark-only dependency) for the GKDTrainer rows and loss")
+        return
+    print(f"\ntokens/s = completion tokens per second; mean completion length: ours {L:.1f}, TRL {L_trl:.1f} (cap {args.new_tokens})")
+    print(f"fixed-batch loss ({int(cm.sum())} completion tokens): ours {l_ours:.9g}, TRL {l_trl:.9g}, abs diff {abs(l_ours - l_trl):.1e}")
+    print("; ".join(loads))
+
+
 if args.what in ("memory", "all"):
     bench_memory()
 if args.what in ("cpu_step", "all"):
-    print("## cpu_step: see issue 10 (needs 03_distill.py and trl)")
+    bench_cpu_step()
