@@ -67,7 +67,7 @@ p.add_argument("--n_samples", type=int, default=16, help="rollouts per prompt pe
 p.add_argument("--max_new_tokens", type=int, default=128, help="completion length cap")
 p.add_argument("--temperature", type=float, default=1.0, help="1.0 = unbiased sampling (no top-k/top-p ever)")
 p.add_argument("--forking_frac", type=float, default=0.2, help="share of highest-entropy positions called forking")
-p.add_argument("--batch_size", type=int, default=512, help="sequences per generation batch (lower it for big models on the hf backend)")
+p.add_argument("--batch_size", type=int, default=128, help="sequences per generation batch; a batch waits for its longest sample")
 p.add_argument("--score_batch", type=int, default=64, help="sequences per scoring forward (both models)")
 p.add_argument("--chunk", type=int, default=512, help="positions per (chunk, V) logits block in token KL")
 p.add_argument("--backend", default="auto", help="generation: hf | vllm | auto (vllm on CUDA when installed)")
