@@ -480,7 +480,9 @@ def vllm_sync_weights(engine, model):
 def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy):
     """Batched sampling with a KV cache. Each prompt is prefilled once and its cache repeated n
     times (not n prefills). Left padding with explicit position ids so every row starts its
-    completion at its own length. Returns completion ids (B*n, <=max_new_tokens) and lengths."""
+    completion at its own length. Rows that have sampled eos leave the batch (and the cache) as
+    soon as a quarter of the batch has finished, so a batch costs its typical length, not its
+    longest. Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
     dev = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
@@ -495,27 +497,32 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
         pos_BT = pos_BT.repeat_interleave(n, 0)
     eos = _eos_ids(tokenizer, model)
     B = logits.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=dev)
+    lens = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    fin = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)  # which original rows are still in the batch
+    done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row of the current batch
     next_pos = pos_BT[:, -1:] + 1
-    toks = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         if greedy or temperature == 0:
             tok = logits.argmax(-1)
         else:  # unbiased sampling: temperature only, no top-k/top-p (paper 4.1)
             tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         tok = torch.where(done, torch.full_like(tok, tokenizer.pad_token_id), tok)
-        toks.append(tok)
-        done |= torch.isin(tok, eos)
-        if done.all():
+        out_ids[rows, t] = tok
+        new = torch.isin(tok, eos) & ~done
+        lens[rows[new]], fin[rows[new]] = t + 1, True  # the eos is part of the completion: it was sampled
+        done |= new
+        if done.all() or t == max_new_tokens - 1:
             break
-        mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)  # finished rows keep padding
+        if done.sum() * 4 >= len(done):  # drop finished rows from batch and cache
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, tok, mask_BT, next_pos, done = rows[keep], tok[keep], mask_BT[keep], next_pos[keep], done[keep]
+        mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)
         out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, past_key_values=cache, use_cache=True)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :].float(), next_pos + 1
-    ids = torch.stack(toks, 1) if toks else torch.zeros(B, 0, dtype=torch.long, device=dev)
-    # length = up to and including the first eos (the eos is part of the completion: it is sampled)
-    is_eos = torch.isin(ids, eos)
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((B,), ids.shape[1], device=dev))
-    return ids.cpu(), first.cpu(), is_eos.any(1).cpu()
+    return out_ids.cpu(), lens.cpu(), fin.cpu()
 
 
 def _eos_ids(tokenizer, model):

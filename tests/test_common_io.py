@@ -183,3 +183,23 @@ def test_make_text_batch_cross_tokenizer(tok):
     ids_b, _, cm_b = C.make_text_batch(tb, ["<|user|>q\n<|assistant|>"], ["abc"], eos=False)
     assert int(cm_a.sum()) == 4 and int(cm_b.sum()) == 3
     assert ids_a[0, -1].item() == tok.eos_token_id
+
+
+def test_finished_rows_leave_the_batch_without_mixing_rows(tok):
+    """Rows that stop early are dropped from the batch and the KV cache; the survivors must keep
+    their own cache rows: batched greedy equals one-prompt-at-a-time greedy, with varied lengths."""
+    from tests.conftest import tiny_llama
+    m = tiny_llama(len(tok), hidden=48, seed=4, tok=tok)
+    bias = {"b": 0.0}
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out.index_add(
+        -1, torch.tensor([tok.eos_token_id]), torch.full(out.shape[:-1] + (1,), bias["b"])))
+    prompts = [f"<|user|>{w}\n<|assistant|>" for w in ("a", "bb 12", "what is 3+4?", "xyz", "hello there", "q", "7*8", "long prompt here")]
+    bias["b"] = 0.09  # found by a scan: with this eos bias greedy stops at 2, 5, 10 or runs to 24
+    alone = [C.generate(m, tok, [p], greedy=True, max_new_tokens=24)[0]["ids"] for p in prompts]
+    assert len({len(a) for a in alone}) >= 3
+    batched = C.generate(m, tok, prompts, greedy=True, max_new_tokens=24, batch_size=8)
+    assert [o["ids"] for o in batched] == alone
+    sampled = C.generate(m, tok, prompts, n=4, max_new_tokens=24, batch_size=32, seed=3)
+    for o in sampled:  # eos only ever as the last token, and exactly when finished
+        assert (tok.eos_token_id in o["ids"]) == o["finished"]
+        assert tok.eos_token_id not in o["ids"][:-1]
