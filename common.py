@@ -358,7 +358,8 @@ def _boxed(text):
 def extract_answer(task, text):
     """The final answer as a string, or None. math: after the last '####', else the last \\boxed{},
     else 'the answer is X', else the last number. mc: the letter of 'the answer is (C)' / '(C)' /
-    '#### C' / a lone letter at the end. open: the stripped text."""
+    '#### C' / a lone letter at the end. open: the stripped text. A '####' or \\boxed{} marker
+    commits: if what follows it is no number, the answer is None (never a number from before it)."""
     kind = task_kind(task)
     if kind == "open":
         return text.strip()
@@ -370,20 +371,16 @@ def extract_answer(task, text):
             if m:
                 return m[-1].upper()
         return None
-    cands = []
-    if "####" in text:
-        cands.append(text.rsplit("####", 1)[1].strip().splitlines()[0] if text.rsplit("####", 1)[1].strip() else "")
+    if "####" in text:  # a committed answer decides, even when it is not a number
+        tail = text.rsplit("####", 1)[1].strip()
+        return normalize_number(tail.splitlines()[0]) if tail else None
     b = _boxed(text)
     if b is not None:
-        cands.append(b)
+        return normalize_number(b)
     m = re.findall(r"answer is\s*:?\s*\$?(" + _NUM + ")", text, flags=re.I)
     if m:
-        cands.append(m[-1])
-    for c in cands:
-        v = normalize_number(c)
-        if v is not None:
-            return v
-    nums = re.findall(_NUM, text)
+        return normalize_number(m[-1])
+    nums = re.findall(_NUM, text)  # no marker at all: the last number, as gsm8k graders do
     return normalize_number(nums[-1]) if nums else None
 
 

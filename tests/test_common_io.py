@@ -17,6 +17,8 @@ MATH_CASES = [
     ("gsm8k", "so the cost is $12.50 each.\n#### $12.50", "12.5", True),
     ("gsm8k", "#### 7\nwait, actually #### 8", "7", False),  # the last #### counts
     ("gsm8k", "I think it is 41 or 42", "42", True),  # no marker: the last number
+    ("gsm8k", "3 + 4 = 7\n#### ", "7", False),  # a marker with nothing after it commits to nothing
+    ("gsm8k", "3 + 4 = 7\n#### seven", "7", False),
     ("gsm8k", "The answer is 42.", "43", False),
     ("bigmath_l4", "Thus \\boxed{\\frac{3}{4}}.", "3/4", True),
     ("bigmath_l4", "Thus \\boxed{0.75}", "\\frac{3}{4}", True),
