@@ -19,7 +19,17 @@ The knob (presets):
         --data runs/toy/00_toy_world/data --lam 1 --out_dir runs/toy/02_calibrate/distillable
     (same with --lam -1 --out_dir runs/toy/02_calibrate/undistillable)
 
-Expected on the toy world (defaults, 2 CPU cores): see the numbers at the bottom of this docstring.
+Expected on the toy world (defaults: 20 steps x 6 prompts x 8 rollouts, 50 held-out prompts per
+task). Measured on a weak toy world (00_toy_world.py --roles teacher,target --teacher_steps 200
+--target_steps 150: teacher greedy acc toy_math 0.02, toy_qa 0.24), seed 0, 1 thread, with the
+machine at load ~9 from other jobs (wall times are ~3x the CPU times below):
+    lam +1: held-out seq KL(theta||target) 24.4 -> 7.5; acc toy_math 0.02 -> 0.04, toy_qa 0.24 -> 0.24;
+            train reward_cal (mean of first/last 3 steps) -26.0 -> -8.8; len 27.8 -> 11.6 tokens;
+            67 CPU-s (201 s wall under load)
+    lam -1: held-out seq KL 24.4 -> 149.5; acc toy_math 0.02 -> 0.02, toy_qa 0.24 -> 0.22;
+            reward_cal -23.9 -> -143.7; len 27.0 -> 59.7 tokens; 105 CPU-s (308 s wall under load)
+Much of the KL change is length: the sequence KL is a sum over tokens, so +1 learns shorter and
+-1 longer (garbled) completions. --cal_length_norm removes that lever (per-token r_cal).
 
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
@@ -65,11 +75,11 @@ p.add_argument("--beta", type=float, default=0.05, help="K3 anchor to the origin
 p.add_argument("--cal_length_norm", action="store_true", help="divide each side of r_cal by its own token count")
 # rollouts
 p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")
-p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (batch = this x group_size)")
+p.add_argument("--prompts_per_step", type=int, default=6, help="prompts per step (batch = this x group_size)")
 p.add_argument("--max_new_tokens", type=int, default=96, help="rollout length limit")
 p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (1.0: the policy itself)")
 # optimization
-p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
+p.add_argument("--steps", type=int, default=20, help="updates (one per fresh batch)")
 p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the LoRA")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
 p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
@@ -77,7 +87,7 @@ p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerato
 p.add_argument("--lora_targets", type=common.csv_list, default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                help="module names that get a LoRA")
 # eval, checkpoints, runtime
-p.add_argument("--n_eval", type=int, default=100, help="held-out (test) prompts per task for accuracy and KL")
+p.add_argument("--n_eval", type=int, default=50, help="held-out (test) prompts per task for accuracy and KL")
 p.add_argument("--eval_every", type=int, default=0, help="held-out eval every N steps (0: only before and after)")
 p.add_argument("--save_every", type=int, default=10, help="checkpoint every N steps (and at the end)")
 p.add_argument("--sample_every", type=int, default=10, help="print a decoded rollout every N steps")
