@@ -22,7 +22,13 @@ fkl runs at one file with --samples_file so the teacher samples once), metrics.j
 (trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; atomic, resumed
 automatically), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
 summary.json (greedy held-out accuracy per task before and after, wall time).
-Expected on the toy world (defaults, 2 shared CPU cores): see the numbers in the README / report.
+Expected time: NOT yet measured on a trained toy world (it did not exist when this was written).
+Measured on the default-size but untrained toy models (0.46M student, 3.27M teacher, completions
+run to the 96-token cap because untrained models never stop) with --threads 1 while other jobs
+held the 2 cores at load average ~8-9: rkl 5-11 s per step (kl 0.081 -> 0.021 in 25 steps; cut
+at 300 s), fkl 153 s in all (512 teacher samples 49 s, 1.3 s per step, kl 0.081 -> 0.019),
+greedy eval of 200 prompts 4-22 s. So the 2-minute budget needs a quiet machine, stopping completions, or
+fewer --steps; re-measure and fill in here once runs/toy/00_toy_world exists.
 
 Departures from the paper: constant learning rate, no warmup (short toy runs; and a resume with
 more --steps then continues exactly). One sample per prompt per on-policy step. The toy students
