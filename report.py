@@ -1,0 +1,190 @@
+"""
+Assemble runs/<run>/REPORT.md from the stages' outputs (called by run_all.sh; safe to rerun).
+
+    python report.py --run runs/toy
+
+Every table and figure of the run, wall time per stage, the configs used, and a "what reproduced"
+section that checks the paper's claims against this run's numbers. The thresholds of those checks
+are stated next to each verdict; they are fixed here and never tuned to a run.
+"""
+import argparse
+import glob
+import json
+import os
+
+import common
+
+p = argparse.ArgumentParser()
+p.add_argument("--run", required=True, help="runs/<run> folder written by run_all.sh")
+args = common.parse_args(p)
+R = args.run
+
+
+def load(path, default=None):
+    try:
+        with open(os.path.join(R, path)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def text(path):
+    try:
+        with open(os.path.join(R, path)) as f:
+            return f.read().strip()
+    except OSError:
+        return f"_missing: {path}_"
+
+
+def f3(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+out = [f"# Report: {os.path.basename(os.path.normpath(R))}", ""]
+
+# ----------------------------------------------------------------------------- wall time
+times = []
+if os.path.exists(os.path.join(R, "times.tsv")):
+    with open(os.path.join(R, "times.tsv")) as f:
+        times = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+out += ["## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+out += [f"| {n} | {s} |" for n, s in times]
+out += [f"| **total** | **{sum(int(s) for _, s in times)}** |", "",
+        "(times.tsv accumulates over reruns; a resumed stage shows the time of its last part)", ""]
+
+# ----------------------------------------------------------------------------- toy world
+tw = load("00_toy_world/summary.json")
+if tw:
+    out += ["## Toy world (stage 00): greedy test accuracy", "", "| model | params | tokenizer | toy_math | toy_qa |", "|---|---:|---|---:|---:|"]
+    for m, d in tw["models"].items():
+        out.append(f"| {m} | {d['params']:,} | {d['tokenizer']} | {f3(d['acc'].get('toy_math'))} | {f3(d['acc'].get('toy_qa'))} |")
+    out.append("")
+
+# ----------------------------------------------------------------------------- Table 1, Figure 2
+out += ["## Table 1: pilot KL study, original teacher vs student (stage 01)", "", text("01_pilot/original/table1.md"), "",
+        "![tail noise](01_pilot/original/tail_noise.png)", ""]
+
+# ----------------------------------------------------------------------------- Table 4
+t1 = {v: load(f"01_pilot/{v}/table1.json", []) for v in ("original", "distillable", "undistillable")}
+tasks = [r["task"] for r in t1["original"]]
+if tasks:
+    out += ["## Table 4: do the traps move with calibration? (stage 01 on calibrated teachers)", "",
+            "| quantity | variant | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
+    for key, name in (("onpolicy_token_rkl", "on-policy token RKL"), ("onpolicy_seq_rkl", "on-policy sequence RKL (wrong-trace pref.)")):
+        for v, rows in t1.items():
+            by = {r["task"]: r for r in rows}
+            cells = []
+            for t in tasks:
+                r = by.get(t, {})
+                c = f3(r.get(key))
+                if key == "onpolicy_seq_rkl" and r.get("wrong_trace_pref") is not None:
+                    c += f" ({100 * r['wrong_trace_pref']:.1f}%)"
+                cells.append(c)
+            out.append(f"| {name} | {v} | " + " | ".join(cells) + " |")
+    out.append("")
+
+# ----------------------------------------------------------------------------- calibration
+cal = {os.path.basename(os.path.dirname(pth)): json.load(open(pth)) for pth in sorted(glob.glob(os.path.join(R, "02_calibrate/*/summary.json")))}
+if cal:
+    out += ["## Calibration (stage 02): the knob", "",
+            "| variant | lam | task | acc original | acc calibrated | seq KL(theta||target) original | calibrated |", "|---|---:|---|---:|---:|---:|---:|"]
+    for v, s in cal.items():
+        for t in s["acc"]["original"]:
+            out.append(f"| {v} | {s['lam']:+g} | {t} | {f3(s['acc']['original'][t])} | {f3(s['acc']['calibrated'][t])} | "
+                       f"{f3(s['seq_kl_target']['original'])} | {f3(s['seq_kl_target']['calibrated'])} |")
+    out.append("")
+
+# ----------------------------------------------------------------------------- Tables 2, 3, failure modes
+out += ["## Table 2: students and teachers (stage 04)", "", text("04_eval/table2.md"), "",
+        "## Table 3: calibrated on math only; OOD and cross-distribution (stage 04)", "", text("04_eval/table3.md"), "",
+        "## Failure modes (stage 05, paper 6.5)", "", text("05_failure/failure_modes.md"), "",
+        "![failure modes](05_failure/failure_modes.png)", ""]
+
+# ----------------------------------------------------------------------------- extras
+t2 = load("04_eval/table2.json", [])
+
+
+def acc(rows, model, task):
+    for r in rows:
+        if r["model"] == model and r["task"] == task:
+            return r["acc"]
+    return None
+
+
+knob = load("extras/knob/table2.json")
+if knob:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lams = sorted({float(r["model"].rsplit("_", 1)[1]) for r in knob if r["model"].startswith("teacher_lam_")} | {-1.0, 1.0})
+    name_t = lambda lam: {1.0: ("distillable", t2), -1.0: ("undistillable", t2)}.get(lam, (f"teacher_lam_{lam:g}", knob))
+    name_s = lambda lam: {1.0: ("improve", t2), -1.0: ("misled", t2)}.get(lam, (f"student_lam_{lam:g}", knob))
+    ktasks = sorted({r["task"] for r in knob})
+    fig, axes = plt.subplots(1, len(ktasks), figsize=(5 * len(ktasks), 3.5), squeeze=False)
+    out += ["## Extra: the knob sweep (teacher calibrated with lam, then an on-policy RKL student)", "",
+            "| lam | " + " | ".join(f"teacher {t} | rkl student {t}" for t in ktasks) + " |", "|---:|" + "---:|---:|" * len(ktasks)]
+    for lam in lams:
+        cells = []
+        for t in ktasks:
+            cells += [f3(acc(name_t(lam)[1], name_t(lam)[0], t)), f3(acc(name_s(lam)[1], name_s(lam)[0], t))]
+        out.append(f"| {lam:+g} | " + " | ".join(cells) + " |")
+    for ax, t in zip(axes[0], ktasks):
+        for who, fn in (("teacher", name_t), ("rkl student", name_s)):
+            ys = [acc(fn(lam)[1], fn(lam)[0], t) for lam in lams]
+            ax.plot(lams, [y if y is not None else float("nan") for y in ys], "o-", label=who)
+        ax.axhline(acc(t2, "student", t) or float("nan"), ls="--", c="gray", label="student before")
+        ax.set(title=t, xlabel="lam", ylabel="accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(R, "knob_sweep.png"), dpi=120)
+    out += ["", "![knob sweep](knob_sweep.png)", ""]
+
+guard = load("extras/guard/table2.json")
+if guard:
+    gtasks = sorted({r["task"] for r in guard})
+    both = t2 + guard
+    out += ["## Extra: guard matrix (student accuracy after each attacker)", "",
+            "| attacker | " + " | ".join(f"original teacher {t} | undistillable teacher {t}" for t in gtasks) + " |",
+            "|---|" + "---:|---:|" * len(gtasks)]
+    for att, orig, und in (("SFT", "sft", "sft_undistillable"), ("GKD-FKL", "fkl", "fkl_undistillable"),
+                           ("GKD-RKL", "rkl", "misled"), ("FKL top-20", "fkl_top20_original", "fkl_top20_undistillable")):
+        out.append(f"| {att} | " + " | ".join(f"{f3(acc(both, orig, t))} | {f3(acc(both, und, t))}" for t in gtasks) + " |")
+    out.append("")
+
+# ----------------------------------------------------------------------------- what reproduced
+out += ["## What reproduced and what did not", "",
+        "Checks against the paper's claims, on this run's held-out accuracy (mean over k samples, stage 04). "
+        "Thresholds are fixed in report.py, not tuned to the run.", ""]
+ttasks = sorted({r["task"] for r in t2})
+for t in ttasks:
+    a = {m: acc(t2, m, t) for m in ("teacher", "distillable", "undistillable", "student", "sft", "fkl", "rkl", "improve", "misled")}
+    if any(v is None for v in a.values()):
+        continue
+    keep = a["undistillable"] >= a["teacher"] - 0.05
+    collapse = a["misled"] <= 0.5 * a["student"]
+    worse = a["misled"] < a["rkl"]
+    improve = a["improve"] > max(a["sft"], a["fkl"], a["rkl"])
+    out += [f"**{t}**", "",
+            f"- undistillable teacher keeps its accuracy (within 0.05 of the teacher): {a['undistillable']:.3f} vs {a['teacher']:.3f} -> {'yes' if keep else 'no'}",
+            f"- misled student collapses (at most half the base student's accuracy): {a['misled']:.3f} vs student {a['student']:.3f} -> {'yes' if collapse else 'no'}"
+            f"; below the GKD-RKL student from the original teacher ({a['rkl']:.3f}): {'yes' if worse else 'no'}",
+            f"- improve student beats SFT / GKD-FKL / GKD-RKL: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> {'yes' if improve else 'no'}", ""]
+for v, s in cal.items():
+    o, c = s["seq_kl_target"]["original"], s["seq_kl_target"]["calibrated"]
+    want = "down" if s["lam"] > 0 else "up" if s["lam"] < 0 else "-"
+    got = "down" if c < o else "up"
+    out.append(f"- calibration {v} (lam {s['lam']:+g}): sequence KL to the target {o:.2f} -> {c:.2f} ({got}; the paper expects {want})")
+out.append("")
+
+# ----------------------------------------------------------------------------- configs
+out += ["## Configs used", ""]
+for pth in sorted(glob.glob(os.path.join(R, "**/config.json"), recursive=True)):
+    rel = os.path.relpath(pth, R)
+    if any(s in rel for s in ("/teacher/", "/student/", "/target/", "/merged/", "/model/", "/adapter/", "/ckpt")):
+        continue  # model configs, not run configs
+    with open(pth) as f:
+        cfg = json.load(f)
+    out += [f"<details><summary>{rel}</summary>", "", "```json", json.dumps(cfg, indent=1), "```", "</details>", ""]
+
+common.atomic_write_text(os.path.join(R, "REPORT.md"), "\n".join(out) + "\n")
+print(f"wrote {os.path.join(R, 'REPORT.md')}")

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The whole paper in one resumable command (DESIGN 3, issue 9).
+#
+#   bash run_all.sh                       # toy world, offline, 2 CPU cores: see README for the measured time
+#   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~3 min on CPU)
+#   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2) and guard matrix (toy only)
+#   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
+#   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
+#   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
+#
+# Everything lands in runs/$RUN/ (see DESIGN 3); runs/$RUN/REPORT.md collects it. A killed run
+# continues where it stopped: finished stages are skipped, training stages resume from ckpt/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${PRESET:-toy}
+SEED=${SEED:-0}
+SMOKE=${SMOKE:-0}
+EXTRAS=${EXTRAS:-0}
+FORCE=${FORCE:-0}
+RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)}
+R=runs/$RUN
+PY=${PYTHON:-python}
+mkdir -p "$R"
+export TOKENIZERS_PARALLELISM=false
+
+# stage NAME DONE_FILE OUT_DIR -- command...: skip if DONE_FILE exists (unless FORCE=1, which
+# clears OUT_DIR first so nothing is resumed); record the wall time in times.tsv.
+stage() {
+  local name=$1 done=$2 out=$3; shift 4
+  if [ -e "$done" ] && [ "$FORCE" != 1 ]; then echo "== skip $name ($done exists)"; return; fi
+  [ "$FORCE" = 1 ] && rm -rf "$out"
+  echo "== $name"
+  local t0; t0=$(date +%s)
+  "$@"
+  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$R/times.tsv"
+}
+
+# ----------------------------------------------------------------------------- presets
+case $PRESET in
+  toy)
+    W=$R/00_toy_world
+    TEACHER=$W/teacher; STUDENT=$W/student; TARGET=$W/target
+    DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; CAL_TASK=toy_math; OOD_TASK=toy_qa
+    GEN=(); ;;
+  qwen3)
+    TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B
+    DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
+    GEN=(--max_new_tokens 2048 --backend vllm); ;;
+  gemma3)
+    TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it
+    DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
+    GEN=(--max_new_tokens 2048 --backend vllm); ;;
+  *) echo "error: PRESET=$PRESET; choose toy, qwen3 or gemma3" >&2; exit 2 ;;
+esac
+
+# per-stage settings: defaults are each script's own (tuned for the toy world); SMOKE shrinks all
+if [ "$SMOKE" = 1 ]; then
+  S00=(--smoke); S01=(--n_prompts 4 --n_samples 4 --max_new_tokens 48)
+  S02=(--steps 2 --prompts_per_step 2 --group_size 4 --n_eval 8 --max_new_tokens 48)
+  S03=(--steps 2 --batch_size 4 --n_prompts 8 --teacher_samples 1 --n_eval 8 --max_new_tokens 48)
+  S04=(--n_prompts 4 --k 4 --max_new_tokens 48); S05=(--n_continue 2 --max_new_tokens 48)
+else
+  S00=(); S01=(); S02=(); S03=(); S04=(); S05=()
+fi
+SD=(--seed "$SEED")
+
+# ----------------------------------------------------------------------------- 00 toy world
+if [ "$PRESET" = toy ]; then
+  stage 00_toy_world "$W/summary.json" "$W" -- $PY 00_toy_world.py --out_dir "$W" "${SD[@]}" "${S00[@]}"
+fi
+
+# ----------------------------------------------------------------------------- 01 pilot on the original pair (Table 1, Figure 2)
+P=$R/01_pilot
+stage 01_pilot_original "$P/original/table1.json" "$P/original" -- $PY 01_pilot_kl.py --teacher "$TEACHER" --student "$STUDENT" \
+  --teacher_name original --tasks "$TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
+
+# ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
+CAL=$R/02_calibrate
+calibrate() {  # calibrate NAME LAM TASKS
+  stage "02_calibrate_$1" "$CAL/$1/summary.json" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
+    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${S02[@]}"
+}
+calibrate distillable 1 "$TASKS"
+calibrate undistillable -1 "$TASKS"
+
+# ----------------------------------------------------------------------------- 01 on the calibrated teachers (Table 4)
+for v in distillable undistillable; do
+  stage "01_pilot_$v" "$P/$v/table1.json" "$P/$v" -- $PY 01_pilot_kl.py --teacher "$CAL/$v/merged" --student "$STUDENT" \
+    --teacher_name "$v" --tasks "$TASKS" "${DATA[@]}" --out_dir "$P/$v" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
+done
+
+# ----------------------------------------------------------------------------- 03 students (Table 2)
+D=$R/03_distill
+distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]
+  local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
+  stage "03_distill_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
+    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${S03[@]}" "$@"
+}
+distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
+distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
+distill rkl_original rkl "$TEACHER" "$TASKS"
+distill rkl_distillable rkl "$CAL/distillable/merged" "$TASKS"        # the "improve" student
+distill rkl_undistillable rkl "$CAL/undistillable/merged" "$TASKS"    # the "misled" student
+
+# ----------------------------------------------------------------------------- 04 evaluation (Table 2)
+E=$R/04_eval
+MODELS="teacher=$TEACHER,distillable=$CAL/distillable/merged,undistillable=$CAL/undistillable/merged,student=$STUDENT"
+MODELS+=",sft=$D/sft_original/model,fkl=$D/fkl_original/model,rkl=$D/rkl_original/model"
+MODELS+=",improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
+LABELS="teacher=Teacher,distillable=Distillable,undistillable=Undistillable,student=Student,sft=SFT,fkl=GKD-FKL,rkl=GKD-RKL,improve=Improve,misled=Misled"
+stage 04_eval_table2 "$E/table2.json" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
+  --tasks "$TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+
+# ----------------------------------------------------------------------------- Table 3: calibrate on math only, then OOD / cross-distribution
+calibrate undistillable_math -1 "$CAL_TASK"
+distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TASK"   # distilled on math, evaluated on QA
+distill rkl_undistillable_math_cd rkl "$CAL/undistillable_math/merged" "$OOD_TASK"    # distilled on QA
+MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT"
+MODELS3+=",misled_ood=$D/rkl_undistillable_math_ood/model,misled_cd=$D/rkl_undistillable_math_cd/model"
+LABELS3="teacher=Teacher,undistillable_ood=Undistillable (OOD),student=Student,misled_ood=Misled (OOD),misled_cd=Misled (CD)"
+stage 04_eval_table3 "$E/table3.json" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
+  --tasks "$OOD_TASK" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+
+# ----------------------------------------------------------------------------- 05 failure modes (section 6.5)
+F=$R/05_failure
+stage 05_failure "$F/failure_modes.json" "$F" -- $PY 05_failure_modes.py --samples "$E/samples" --base student \
+  --misled misled --models teacher,undistillable,improve,rkl --teacher "$TEACHER" --tasks "$TASKS" \
+  --out_dir "$F" "${SD[@]}" "${GEN[@]}" "${S05[@]}"
+
+# ----------------------------------------------------------------------------- extras (toy): knob sweep and guard matrix
+if [ "$EXTRAS" = 1 ]; then
+  X=$R/extras
+  KM="teacher=$TEACHER"
+  for lam in -2 -0.5 0 0.5 2; do
+    calibrate "lam_$lam" "$lam" "$TASKS"
+    distill "rkl_lam_$lam" rkl "$CAL/lam_$lam/merged" "$TASKS"
+    KM+=",teacher_lam_$lam=$CAL/lam_$lam/merged,student_lam_$lam=$D/rkl_lam_$lam/model"
+  done
+  stage 04_eval_knob "$X/knob/table2.json" "$X/knob/table2.json" -- $PY 04_eval.py --models "$KM" --tasks "$TASKS" \
+    "${DATA[@]}" --out_dir "$X/knob" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+  U=(--samples_file "$D/teacher_samples_undistillable.json")
+  distill fkl_top20_original fkl "$TEACHER" "$TASKS" --topk 20 --samples_file "$D/teacher_samples_original.json"
+  distill sft_undistillable sft "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
+  distill fkl_undistillable fkl "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
+  distill fkl_top20_undistillable fkl "$CAL/undistillable/merged" "$TASKS" --topk 20 "${U[@]}"
+  GM="fkl_top20_original=$D/fkl_top20_original/model,sft_undistillable=$D/sft_undistillable/model"
+  GM+=",fkl_undistillable=$D/fkl_undistillable/model,fkl_top20_undistillable=$D/fkl_top20_undistillable/model"
+  stage 04_eval_guard "$X/guard/table2.json" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
+    "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+fi
+
+# ----------------------------------------------------------------------------- report
+$PY report.py --run "$R"
+echo "done: $R/REPORT.md"
