@@ -25,7 +25,7 @@ summary.json (greedy held-out accuracy per task before and after, wall time).
 Expected time: NOT yet measured on a trained toy world (it did not exist when this was written).
 Measured on the default-size but untrained toy models (0.46M student, 3.27M teacher, completions
 run to the 96-token cap because untrained models never stop) with --threads 1 while other jobs
-shared the 2 cores with other jobs (load average in brackets), wall time of the whole run:
+shared the 2 cores (load average in brackets), wall time of the whole run:
 rkl 104 s [3.4] (1.5 s per step, kl 0.081 -> 0.016), jsd 85 s [2.8] (kl 0.020 -> 0.005),
 sft 106 s [5.3] (ce 6.31 -> 3.58), fkl 153 s [6.3] (512 teacher samples 49 s, kl 0.081 -> 0.019).
 At load ~9 rkl took 5-11 s per step. Re-measure accuracy before/after once runs/toy/00_toy_world exists.
