@@ -38,6 +38,7 @@ p.add_argument("--lr", type=float, default=1e-3, help="cpu_step: AdamW lr, both 
 p.add_argument("--warmup", type=int, default=2, help="cpu_step: untimed steps")
 p.add_argument("--iters", type=int, default=12, help="cpu_step: timed steps (median)")
 p.add_argument("--threads", type=int, default=0, help="cpu_step: torch threads (0 = torch's default)")
+p.add_argument("--trl_grad_ckpt", action="store_true", help="cpu_step: TRL with SFTConfig's default gradient checkpointing (no KV cache in generation)")
 p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)  # internal: run one variant
 args = C.parse_args(p)
 
@@ -199,7 +200,7 @@ def trl_trainer(student, teacher, tok, prompts, times, lens, between):
     cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens,
                     per_device_train_batch_size=len(prompts), max_steps=args.warmup + args.iters, learning_rate=args.lr,
                     lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=False,
-                    gradient_checkpointing=False, use_cpu=True, eval_strategy="no", save_strategy="no",
+                    gradient_checkpointing=args.trl_grad_ckpt, use_cpu=True, eval_strategy="no", save_strategy="no",
                     report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
     return Timed(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
 
@@ -272,7 +273,7 @@ def bench_cpu_step():
     table += [(f"&nbsp; floor: {n}", s, None, f"{s / floor_s:.0%} of floor") for n, s in floor.items()]
     table += [("&nbsp; reference: HF model.generate, same prompts", hf_gen, None, f"{hf_gen / gen_s:.2f}x common.generate")]
     if trainer:
-        table += [("**TRL GKDTrainer step** (lmbda 1, beta 1)", trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
+        table += [(f"**TRL GKDTrainer step** (lmbda 1, beta 1{', gradient checkpointing' if args.trl_grad_ckpt else ''})", trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
                  ("**speedup ours vs TRL**", None, None, f"{trl_s / step_s:.2f}x")]
     print("| what | seconds/step (median) | tokens/s | ratio |\n|---|---:|---:|---:|")
     for what, s, tps, r in table:
