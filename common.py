@@ -484,7 +484,8 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
     pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True)
+    # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs)
+    out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1, :].float()
     if n > 1:
