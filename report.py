@@ -104,10 +104,10 @@ out += ["## Table 2: students and teachers (stage 04)", "", text("04_eval/table2
 t2 = load("04_eval/table2.json", [])
 
 
-def acc(rows, model, task):
+def acc(rows, model, task, key="acc"):
     for r in rows:
         if r["model"] == model and r["task"] == task:
-            return r["acc"]
+            return r.get(key)
     return None
 
 
@@ -164,11 +164,18 @@ for t in ttasks:
     collapse = a["misled"] <= 0.5 * a["student"]
     worse = a["misled"] < a["rkl"]
     improve = a["improve"] > max(a["sft"], a["fkl"], a["rkl"])
+    ci = {m: acc(t2, m, t, "acc_ci") for m in a}
+
+    def sep(x, y):  # are the two 95% bootstrap intervals disjoint? (otherwise the order is noise)
+        return ci[x] is not None and ci[y] is not None and (ci[x][0] > ci[y][1] or ci[y][0] > ci[x][1])
     out += [f"**{t}**", "",
-            f"- undistillable teacher keeps its accuracy (within 0.05 of the teacher): {a['undistillable']:.3f} vs {a['teacher']:.3f} -> {'yes' if keep else 'no'}",
+            f"- undistillable teacher keeps its accuracy (within 0.05 of the teacher): {a['undistillable']:.3f} vs {a['teacher']:.3f} -> {'yes' if keep else 'no'}"
+            f"{' (95% intervals disjoint)' if sep('undistillable', 'teacher') else ' (95% intervals overlap)'}",
             f"- misled student collapses (at most half the base student's accuracy): {a['misled']:.3f} vs student {a['student']:.3f} -> {'yes' if collapse else 'no'}"
-            f"; below the GKD-RKL student from the original teacher ({a['rkl']:.3f}): {'yes' if worse else 'no'}",
-            f"- improve student beats SFT / GKD-FKL / GKD-RKL: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> {'yes' if improve else 'no'}", ""]
+            f"; below the GKD-RKL student from the original teacher ({a['rkl']:.3f}): {'yes' if worse else 'no'}"
+            f"{' (95% intervals disjoint)' if sep('misled', 'rkl') else ' (95% intervals overlap: not a real difference)'}",
+            f"- improve student beats SFT / GKD-FKL / GKD-RKL: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> {'yes' if improve else 'no'}"
+            f"{' (95% intervals disjoint from all three)' if all(sep('improve', m) for m in ('sft', 'fkl', 'rkl')) else ' (95% intervals overlap: not a real difference)'}", ""]
 for v, s in cal.items():
     o, c = s["seq_kl_target"]["original"], s["seq_kl_target"]["calibrated"]
     want = "down" if s["lam"] > 0 else "up" if s["lam"] < 0 else "-"
