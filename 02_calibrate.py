@@ -19,17 +19,15 @@ The knob (presets):
         --data runs/toy/00_toy_world/data --lam 1 --out_dir runs/toy/02_calibrate/distillable
     (same with --lam -1 --out_dir runs/toy/02_calibrate/undistillable)
 
-Expected on the toy world (defaults: 20 steps x 6 prompts x 8 rollouts, 50 held-out prompts per
-task). Measured on a weak toy world (00_toy_world.py --roles teacher,target --teacher_steps 200
---target_steps 150: teacher greedy acc toy_math 0.02, toy_qa 0.24), seed 0, 1 thread, with the
-machine at load ~9 from other jobs (wall times are ~3x the CPU times below):
-    lam +1: held-out seq KL(theta||target) 24.4 -> 7.5; acc toy_math 0.02 -> 0.04, toy_qa 0.24 -> 0.24;
-            train reward_cal (mean of first/last 3 steps) -26.0 -> -8.8; len 27.8 -> 11.6 tokens;
-            67 CPU-s (201 s wall under load)
-    lam -1: held-out seq KL 24.4 -> 149.5; acc toy_math 0.02 -> 0.02, toy_qa 0.24 -> 0.22;
-            reward_cal -23.9 -> -143.7; len 27.0 -> 59.7 tokens; 105 CPU-s (308 s wall under load)
-Much of the KL change is length: the sequence KL is a sum over tokens, so +1 learns shorter and
--1 longer (garbled) completions. --cal_length_norm removes that lever (per-token r_cal).
+Expected on the toy world (defaults: 30 steps x 6 prompts x 8 rollouts, lr 1e-3, beta 0.2, 50
+held-out prompts per task; seed 0, 2 CPU cores to itself, measured 2026-11-23):
+    lam +1: 67 s; held-out seq KL(theta||target) 15.7 -> 13.6; greedy acc toy_math 0.60 -> 0.52,
+            toy_qa 0.84 -> 0.70
+    lam -1: 77 s; seq KL 15.7 -> 20.5; acc toy_math 0.60 -> 0.62, toy_qa 0.84 -> 0.82
+    lam -1 on toy_math only: 68 s; seq KL 26.4 -> 42.3; acc toy_math 0.60 -> 0.54
+With lr 2e-3 and beta 0.05 (20 steps) the KL moved further (15.7 -> 34.6 at -1) but toy_math
+accuracy fell to 0.36-0.44: the anchor and the smaller step keep the teacher's utility. Part of the
+KL change is length (the sequence KL sums over tokens); --cal_length_norm uses per-token r_cal.
 
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
@@ -71,7 +69,7 @@ p.add_argument("--data", default=None, help="toy world data folder (D/data) or a
 p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
 # the knob and the objective
 p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")
-p.add_argument("--beta", type=float, default=0.05, help="K3 anchor to the original teacher (LoRA off)")
+p.add_argument("--beta", type=float, default=0.2, help="K3 anchor to the original teacher (LoRA off)")
 p.add_argument("--cal_length_norm", action="store_true", help="divide each side of r_cal by its own token count")
 # rollouts
 p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")
@@ -79,8 +77,8 @@ p.add_argument("--prompts_per_step", type=int, default=6, help="prompts per step
 p.add_argument("--max_new_tokens", type=int, default=96, help="rollout length limit")
 p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (1.0: the policy itself)")
 # optimization
-p.add_argument("--steps", type=int, default=20, help="updates (one per fresh batch)")
-p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the LoRA")
+p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
+p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (2e-3 lost 0.2 toy_math accuracy)")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
 p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
 p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r)")

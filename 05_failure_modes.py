@@ -27,11 +27,12 @@ Writes config.json (first), metrics.jsonl (one line per model x task), failure_m
 plus "focus", "by_task", "truncated", counts), failure_modes.md, examples.md (short excerpts per mode
 and model), failure_modes.png (bars per model).
 
-Expected time (measured with --threads 1 while the 2 cores ran at load average 7-9 from other jobs):
-the detectors take ~1.7 s per 3 models x 1,024 completions (about 6 s for 9 models x 2 tasks); the
-prefix test, 64 prefixes x 4 continuations x up to 96 tokens on a 3.3M-parameter toy teacher, took
-70-85 s (random-init teacher, so every continuation ran the full 96 tokens; a trained one stops
-sooner). Rates on real misled students: not measured yet (stages 02/03 were being written).
+Expected on the toy world (2 CPU cores to itself, 2026-11-23): 6 s for 6 models x 2 tasks x 64
+prompts x 16 samples plus the prefix test. The misled student's failures there: over all prompts
+overconfident-wrong 46.9% of prompts (student 53.9%), no final answer 0.8%, format drift 0.2%,
+self-check flips 0.5%, repetition 0.0%; 17 focus prompts (student right by majority vote, misled
+wrong). The teacher continuing the misled student's 11 flipped prefixes ended correct in 81.8% of
+44 continuations (paper: 89-95%).
 
 Departures: the paper builds its taxonomy iteratively with a Claude judge; here the detectors are
 fixed rules and the judge (--judge, any local chat model, prompt below) is optional and off by
