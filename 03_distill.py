@@ -28,6 +28,7 @@ the student, 0.13 / 0.47 before (100 prompts per task):
     sft  from the original teacher   0.12 / 0.45   11 s
     fkl  from the original teacher   0.16 / 0.48   15 s
     rkl  from the original teacher   0.09 / 0.49   23 s
+    jsd  from the original teacher   0.12 / 0.47   25 s   (beta 0.5, lmbda 0.5)
     rkl  from the lam +1 teacher     0.15 / 0.47   20 s
     rkl  from the lam -1 teacher     0.08 / 0.49   26 s
 At this budget no method moves the student beyond noise (100 prompts: +-0.05). 200 rkl steps (2.5
