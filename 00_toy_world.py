@@ -23,7 +23,7 @@ Tasks
 Teacher and student share tokenizer A (byte-level BPE, digits split); the target uses tokenizer B
 (smaller vocab, digits merged) so the cross-tokenizer code path runs by default.
 
-Training text is `build_prompt(tok, task, row) + completion + eos`, loss on completion tokens only.
+Training text is `common.build_prompt(tok, task, row) + completion + eos`, loss on completion tokens only.
 Sequences are bucketed by length (sorted inside chunks of 16 batches) so padding stays small.
 
 Expected (seed 0, defaults, 2 CPU cores with nothing else running; measured 2026-11-23): 265 s in
@@ -47,10 +47,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import common
-except ImportError:  # common.py is optional for this stage; local fallbacks below
-    common = None
+import common  # noqa: E402  (build_prompt, grade, generate: one definition for every stage)
 
 # ----------------------------------------------------------------------------- config
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,15 +308,9 @@ TOK = {"A": train_tokenizer(args.vocab_a, True), "B": train_tokenizer(args.vocab
 T["tokenizers"] = time.time() - t1
 
 
-def build_prompt(tok, task, row):
-    if common is not None and hasattr(common, "build_prompt"):
-        return common.build_prompt(tok, task, row)
-    return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
-
-
 def encode(tok, task, row):
     """Prompt ids + completion ids + eos; the prompt ends in <|assistant|>, so no merge crosses it."""
-    p_ids = tok(build_prompt(tok, task, row), add_special_tokens=False)["input_ids"]
+    p_ids = tok(common.build_prompt(tok, task, row), add_special_tokens=False)["input_ids"]
     c_ids = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return p_ids, c_ids
 
@@ -388,41 +379,20 @@ def train_model(role, tok, hidden, layers, steps, lr):
 
 
 # ----------------------------------------------------------------------------- eval
-def extract(task, text):
-    if task == "toy_math":
-        return text.rsplit("####", 1)[1].strip().split("\n")[0].strip() if "####" in text else None
-    i = text.rfind("The answer is (")
-    return text[i + 15] if i >= 0 and len(text) > i + 15 else None
-
-
-def grade(task, text, row):
-    if common is not None and hasattr(common, "grade"):
-        return bool(common.grade(task, text, row))
-    return extract(task, text) == row["answer"]
-
-
-@torch.no_grad()
 def greedy(model, tok, prompts, max_new):
-    if common is not None and hasattr(common, "generate"):
-        return [o["text"] for o in common.generate(model, tok, prompts, n=1, max_new_tokens=max_new,
-                                                   greedy=True, batch_size=args.eval_batch)]
-    outs = []
-    for i in range(0, len(prompts), args.eval_batch):
-        enc = tok(prompts[i:i + args.eval_batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return outs
+    return [o["text"] for o in common.generate(model, tok, prompts, n=1, max_new_tokens=max_new,
+                                               greedy=True, batch_size=args.eval_batch)]
 
 
 def evaluate(model, tok):
     acc, samples = {}, {}
     for task, (tr, te) in DATA.items():
         longest = max(len(tok(r["completion"])["input_ids"]) for r in tr)
-        texts = greedy(model, tok, [build_prompt(tok, task, r) for r in te], longest + 8)
-        acc[task] = round(sum(grade(task, s, r) for s, r in zip(texts, te)) / len(te), 4)
+        texts = greedy(model, tok, [common.build_prompt(tok, task, r) for r in te], longest + 8)
+        acc[task] = round(sum(bool(common.grade(task, s, r)) for s, r in zip(texts, te)) / len(te), 4)
         if task == "toy_math":  # split by level: the hard level is where the student should break
             for lv in ("easy", "hard"):
-                sel = [grade(task, s, r) for s, r in zip(texts, te) if r["meta"]["level"] == lv]
+                sel = [bool(common.grade(task, s, r)) for s, r in zip(texts, te) if r["meta"]["level"] == lv]
                 acc[f"toy_math_{lv}"] = round(sum(sel) / max(1, len(sel)), 4)
         samples[task] = texts[0]
     return acc, samples
@@ -473,7 +443,7 @@ summary.update({
                   "toy_math_level_mix": mix([{"meta": {"style": r["meta"]["level"]}} for r in math_train])},
     "tokenizers": {k: {"vocab_size": len(t)} for k, t in TOK.items()},
     "seconds": {k: round(v, 1) for k, v in T.items()} | {"total": round(time.time() - t0, 1)},
-    "grader": "common.grade" if common is not None and hasattr(common, "grade") else "local",
+    "grader": "common.grade",
 })
 write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=2))
 print(f"done in {time.time() - t0:.0f}s -> {args.out_dir}/summary.json")
