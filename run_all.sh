@@ -42,15 +42,15 @@ case $PRESET in
     W=$R/00_toy_world
     TEACHER=$W/teacher; STUDENT=$W/student; TARGET=$W/target
     DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; CAL_TASK=toy_math; OOD_TASK=toy_qa
-    GEN=(); ;;
+    TB="toy teacher"; SB="toy student"; GEN=(); ;;
   qwen3)
     TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B
     DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    GEN=(--max_new_tokens 2048 --backend vllm); ;;
+    TB=Qwen3-8B; SB=Qwen3-1.7B; GEN=(--max_new_tokens 2048 --backend vllm); ;;
   gemma3)
     TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it
     DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    GEN=(--max_new_tokens 2048 --backend vllm); ;;
+    TB=Gemma-3-12B; SB=Gemma-3-4B; GEN=(--max_new_tokens 2048 --backend vllm); ;;
   *) echo "error: PRESET=$PRESET; choose toy, qwen3 or gemma3" >&2; exit 2 ;;
 esac
 
@@ -108,7 +108,8 @@ E=$R/04_eval
 MODELS="teacher=$TEACHER,distillable=$CAL/distillable/merged,undistillable=$CAL/undistillable/merged,student=$STUDENT"
 MODELS+=",sft=$D/sft_original/model,fkl=$D/fkl_original/model,rkl=$D/rkl_original/model"
 MODELS+=",improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
-LABELS="teacher=Teacher,distillable=Distillable,undistillable=Undistillable,student=Student,sft=SFT,fkl=GKD-FKL,rkl=GKD-RKL,improve=Improve,misled=Misled"
+LABELS="teacher=$TB:Teacher,distillable=$TB:Distillable,undistillable=$TB:Undistillable,student=$SB:Student,sft=$SB:SFT"
+LABELS+=",fkl=$SB:GKD-FKL,rkl=$SB:GKD-RKL,improve=$SB:Improve,misled=$SB:Misled"
 stage 04_eval_table2 "$E/table2.json" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
   --tasks "$TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 
@@ -118,7 +119,7 @@ distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TA
 distill rkl_undistillable_math_cd rkl "$CAL/undistillable_math/merged" "$OOD_TASK"    # distilled on QA
 MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT"
 MODELS3+=",misled_ood=$D/rkl_undistillable_math_ood/model,misled_cd=$D/rkl_undistillable_math_cd/model"
-LABELS3="teacher=Teacher,undistillable_ood=Undistillable (OOD),student=Student,misled_ood=Misled (OOD),misled_cd=Misled (CD)"
+LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD),misled_cd=$SB:Misled (CD)"
 stage 04_eval_table3 "$E/table3.json" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
   --tasks "$OOD_TASK" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 
