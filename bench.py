@@ -3,6 +3,9 @@ Benchmarks, side by side in one run (DESIGN 10). Figures are printed, never asse
 
     python bench.py --what memory     # chunked vs naive token divergence at vocab 151,936 (~2 min, CPU)
     python bench.py --what cpu_step   # on-policy reverse-KL step: ours vs TRL GKDTrainer (needs `pip install trl`)
+    python bench.py --what gpu        # one H100: Qwen3-1.7B/8B-architecture random weights, 512-token completions,
+                                      # ours (colocated vLLM) vs TRL GKDTrainer, vLLM in the loop vs standalone (~10 min)
+    python bench.py --what gpu --gpu_arch tiny   # the same code on CPU with tiny Qwen3 configs (hf backend): a dry run
     python bench.py --what all        # everything that applies on this machine
 
 memory: a random-weight Qwen3 config with the real 151,936-token vocabulary (hidden 64, 1 layer:
@@ -26,7 +29,7 @@ import torch
 import common as C
 
 p = argparse.ArgumentParser()
-p.add_argument("--what", default="all", help="memory | cpu_step | all")
+p.add_argument("--what", default="all", help="memory | cpu_step | gpu | all")
 p.add_argument("--vocab", type=int, default=151_936)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--length", type=int, default=1024)
@@ -38,8 +41,16 @@ p.add_argument("--lr", type=float, default=1e-3, help="cpu_step: AdamW lr, both 
 p.add_argument("--warmup", type=int, default=2, help="cpu_step: untimed steps")
 p.add_argument("--iters", type=int, default=12, help="cpu_step: timed steps (median)")
 p.add_argument("--threads", type=int, default=0, help="cpu_step: torch threads (0 = torch's default)")
-p.add_argument("--trl_grad_ckpt", action="store_true", help="cpu_step: TRL with SFTConfig's default gradient checkpointing (no KV cache in generation)")
+p.add_argument("--trl_shipped_iters", type=int, default=6, help="cpu_step: timed steps of TRL as shipped (gradient checkpointing on; 0 = skip)")
+p.add_argument("--gpu_arch", default="qwen3", help="gpu: qwen3 (1.7B student, 8B teacher) | tiny (a CPU dry run)")
+p.add_argument("--gpu_batch", type=int, default=8, help="gpu: prompts per step (16 needs ~85 GB with fp32 AdamW state)")
+p.add_argument("--gpu_prompt_len", type=int, default=128, help="gpu: prompt tokens")
+p.add_argument("--gpu_new_tokens", type=int, default=512, help="gpu: completion tokens (random weights: eos is ~never sampled)")
+p.add_argument("--gpu_iters", type=int, default=6, help="gpu: timed steps per side (median), after --warmup")
+p.add_argument("--gpu_mem_util", type=float, default=0.15, help="gpu: the colocated engine's share of GPU memory")
+p.add_argument("--gpu_dir", default="runs/bench_gpu", help="gpu: where the random-weight student folder is written")
 p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)  # internal: run one variant
+p.add_argument("--_standalone", default=None, help=argparse.SUPPRESS)  # internal: standalone vLLM timing
 args = C.parse_args(p)
 
 
@@ -165,12 +176,13 @@ def ours_step(student, teacher, opt, tok, prompts, vocab, step):
     return np.diff(t), cm.sum(1).float().mean().item()
 
 
-def trl_trainer(student, teacher, tok, prompts, times, lens, between):
+def trl_trainer(student, teacher, tok, prompts, times, lens, between, grad_ckpt=False, iters=None):
     """GKDTrainer on the same prompts (a 16-row dataset: every step sees the same prompts, as ours does).
     between(i) runs after TRL's step i, outside its timing: our measurements interleave with TRL's, so a
     shared machine's changing load hits both sides alike.
-    fp32 and gradient_checkpointing off: SFTConfig defaults both on, and checkpointing would also turn
-    the KV cache off in generation, i.e. not the same work. None if TRL is not installed."""
+    fp32 and gradient_checkpointing off by default: GKDConfig (an SFTConfig) ships with it on, which also
+    turns the KV cache off in generation, i.e. not the same work; grad_ckpt=True measures TRL as shipped
+    (DESIGN 10's ~5.5 s). None if TRL is not installed."""
     try:
         from trl.experimental.gkd import GKDConfig, GKDTrainer  # TRL >= 1.0 keeps it here
     except ImportError:
@@ -198,9 +210,9 @@ def trl_trainer(student, teacher, tok, prompts, times, lens, between):
     ds = Dataset.from_list([{"prompt": t, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
                             for t, p in zip(prompts, pids)])
     cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens,
-                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + args.iters, learning_rate=args.lr,
+                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + (iters or args.iters), learning_rate=args.lr,
                     lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=False,
-                    gradient_checkpointing=args.trl_grad_ckpt, use_cpu=True, eval_strategy="no", save_strategy="no",
+                    gradient_checkpointing=grad_ckpt, use_cpu=True, eval_strategy="no", save_strategy="no",
                     report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
     return Timed(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
 
@@ -215,7 +227,7 @@ def bench_cpu_step():
     rows = (C.load_task("toy_math", "train", data=data, n=args.step_batch) if data else  # else fixed short prompts
             [{"prompt": f"Ann has {i + 3} eggs. She buys {i % 4 + 2} more. How many eggs does she have now?"} for i in range(args.step_batch)])
     prompts = [C.build_prompt(tok, "toy_math", r) for r in rows]
-    s_trl, vocab, B = copy.deepcopy(s_ours), C.shared_vocab(s_ours, teacher, tok, tok), len(prompts)
+    s_trl, s_trl2, vocab, B = copy.deepcopy(s_ours), copy.deepcopy(s_ours), C.shared_vocab(s_ours, teacher, tok, tok), len(prompts)
     print(f"## cpu_step: on-policy reverse-KL step, student {C.n_params(s_ours) / 1e6:.2f}M / teacher {C.n_params(teacher) / 1e6:.2f}M "
           f"params, vocab {vocab}, batch {B}, {args.new_tokens} new tokens, T=1, fp32, {torch.get_num_threads()} torch threads; "
           f"median of {args.iters} steps after {args.warmup} warm-up")
@@ -255,6 +267,10 @@ def bench_cpu_step():
     if trainer:  # TRL's own training loop; our rounds run in its step-end callback
         trainer.train()
         trl_s, L_trl = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
+        if args.trl_shipped_iters:  # TRL as shipped: alone, after ours (too slow to interleave)
+            times2, lens2 = [], []
+            trl_trainer(s_trl2, teacher, tok, prompts, times2, lens2, lambda i: None, True, args.trl_shipped_iters).train()
+            trl2_s, L_trl2 = float(np.median(times2[args.warmup:])), float(np.mean(lens2[args.warmup:]))
     else:
         for i in range(args.warmup + args.iters):
             one_round(i)
@@ -273,8 +289,13 @@ def bench_cpu_step():
     table += [(f"&nbsp; floor: {n}", s, None, f"{s / floor_s:.0%} of floor") for n, s in floor.items()]
     table += [("&nbsp; reference: HF model.generate, same prompts", hf_gen, None, f"{hf_gen / gen_s:.2f}x common.generate")]
     if trainer:
-        table += [(f"**TRL GKDTrainer step** (lmbda 1, beta 1{', gradient checkpointing' if args.trl_grad_ckpt else ''})", trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
-                 ("**speedup ours vs TRL**", None, None, f"{trl_s / step_s:.2f}x")]
+        table += [("**TRL GKDTrainer step**, tuned (lmbda 1, beta 1, gradient checkpointing off: KV-cached generation)",
+                   trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
+                  ("**speedup ours vs TRL tuned**", None, None, f"{trl_s / step_s:.2f}x")]
+        if args.trl_shipped_iters:
+            table += [(f"**TRL GKDTrainer step**, as shipped (GKDConfig's gradient checkpointing on; median of {args.trl_shipped_iters})",
+                       trl2_s, B * L_trl2 / trl2_s, f"{trl2_s / floor_s:.2f}x floor"),
+                      ("**speedup ours vs TRL as shipped**", None, None, f"{trl2_s / step_s:.2f}x")]
     print("| what | seconds/step (median) | tokens/s | ratio |\n|---|---:|---:|---:|")
     for what, s, tps, r in table:
         print(f"| {what} | {'' if s is None else f'{s:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {r} |")
@@ -286,7 +307,195 @@ def bench_cpu_step():
     print("; ".join(loads))
 
 
+# ----------------------------------------------------------------------------- gpu
+# Issue 10 on one H100 (DESIGN 10): a Qwen3-1.7B-architecture student and a Qwen3-8B-architecture teacher
+# with random weights built from configs (no hub), bf16, a batch of random-text prompts, 512-token
+# completions. Three measurements in this order, so each has the GPU to itself: (1) standalone vLLM on
+# the student folder, in a subprocess that exits; (2) TRL's GKDTrainer (lmbda 1, beta 1, gradient
+# checkpointing off so its HF generate keeps the KV cache); (3) ours: 03_distill.py's rkl step with its
+# colocated engine, the student's weights pushed into it after every optimizer step.
+QWEN3 = {  # the hub configs' shapes (Qwen/Qwen3-1.7B, Qwen/Qwen3-8B), vocab 151,936
+    "student": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "teacher": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)}
+TINY = {"student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=32, tie_word_embeddings=True),
+        "teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=32, tie_word_embeddings=False)}
+
+
+def gpu_prompts(tok):
+    """--gpu_batch random-text prompts of exactly --gpu_prompt_len tokens (the tests' char tokenizer: 1 char = 1 token)."""
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz ")
+    return ["".join(rng.choice(letters, args.gpu_prompt_len)) for _ in range(args.gpu_batch)]
+
+
+def gpu_standalone(path):
+    """Best-case vLLM: its own process, most of the GPU, nothing else loaded. Median seconds per generate call."""
+    sys.path.insert(0, "tests")
+    from conftest import char_tokenizer
+    tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048)
+    prompts, ts, lens = gpu_prompts(tok), [], []
+    for i in range(args.warmup + args.gpu_iters):
+        t0 = time.perf_counter()
+        outs = C.generate(None, tok, prompts, max_new_tokens=args.gpu_new_tokens, seed=i, backend="vllm", engine=eng)
+        ts.append(time.perf_counter() - t0)
+        lens.append(np.mean([len(o["ids"]) for o in outs]))
+    return {"gen_s": float(np.median(ts[args.warmup:])), "len": float(np.mean(lens))}
+
+
+if args._standalone:
+    print(json.dumps(gpu_standalone(args._standalone)))
+    sys.exit(0)
+
+
+def bench_gpu():
+    import copy
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    sys.path.insert(0, "tests")
+    from conftest import char_tokenizer
+    dev = C.get_device("auto")
+    real = args.gpu_arch == "qwen3"
+    if real and dev.type != "cuda":
+        C.die("bench.py --what gpu needs CUDA (a device machine); on CPU run --what gpu --gpu_arch tiny for a dry run")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    use_vllm = C.vllm_available()
+    tok, shapes = char_tokenizer(), QWEN3 if real else TINY
+
+    def build(role, seed, dtype):  # random weights straight on the device, in their final dtype (an 8B in fp32 on CPU is 32 GB)
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=151_936, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, bos_token_id=None, **shapes[role])
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        with torch.device(dev):
+            m = Qwen3ForCausalLM(cfg)
+        torch.set_default_dtype(old)
+        return m
+    t0 = time.time()
+    # as 03_distill.py: fp32 master weights for the trained student (bf16 autocast), the teacher in bf16
+    student, teacher = build("student", 1, torch.float32), build("teacher", 2, dtype).eval().requires_grad_(False)
+    path = os.path.join(args.gpu_dir, "student")
+    student.save_pretrained(path)  # vLLM loads from a folder; the teacher never needs one
+    tok.save_pretrained(path)
+    prompts, B = gpu_prompts(tok), args.gpu_batch
+    print(f"## gpu: student {C.n_params(student) / 1e9:.2f}B / teacher {C.n_params(teacher) / 1e9:.2f}B params ({args.gpu_arch}, random "
+          f"weights; teacher {str(dtype)[6:]}, student fp32 + autocast), vocab 151,936, batch {B}, {args.gpu_prompt_len}-token prompts, {args.gpu_new_tokens} new tokens, "
+          f"T=1; median of {args.gpu_iters} steps after {args.warmup}; built in {time.time() - t0:.0f}s; "
+          f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}")
+    table = []
+    # (1) standalone vLLM
+    alone = None
+    if use_vllm:
+        out = subprocess.run([sys.executable, __file__, "--_standalone", path, "--gpu_batch", str(B), "--gpu_prompt_len",
+                              str(args.gpu_prompt_len), "--gpu_new_tokens", str(args.gpu_new_tokens), "--gpu_iters",
+                              str(args.gpu_iters), "--warmup", str(args.warmup)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print("standalone vLLM failed:\n" + out.stderr[-3000:])
+        else:
+            alone = json.loads(out.stdout.strip().splitlines()[-1])
+            table.append(("standalone vLLM generate (own process, 85% of the GPU)", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
+
+    def peak_reset():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb():
+        return f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if dev.type == "cuda" else "peak: CPU, not measured"
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    # (2) TRL GKDTrainer on a copy of the student
+    trl_row = None
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        GKDTrainer = None
+    if GKDTrainer is not None:
+        import tempfile
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        times, lens = [], []
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                sync()
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                sync()
+                times.append(time.perf_counter() - self.t0)
+
+        class Timed(GKDTrainer):
+            def compute_loss(self, model, inputs, **kw):
+                lens.append((inputs["labels"][:, 1:] != -100).sum(1).float().mean().item())
+                return super().compute_loss(model, inputs, **kw)
+        s_trl = copy.deepcopy(student)
+        pids = [tok(q, add_special_tokens=False)["input_ids"] for q in prompts]
+        ds = Dataset.from_list([{"prompt": q, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
+                                for q, p in zip(prompts, pids)])
+        cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.gpu_new_tokens,
+                        per_device_train_batch_size=B, max_steps=args.warmup + args.gpu_iters, learning_rate=1e-6,
+                        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+                        bf16=dtype == torch.bfloat16, gradient_checkpointing=False, use_cpu=dev.type != "cuda",
+                        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
+        peak_reset()
+        Timed(model=s_trl, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()]).train()
+        trl_s, trl_len = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
+        trl_row = (f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
+                   B * trl_len / trl_s, peak_gb())
+        del s_trl
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    # (3) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
+    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048) if use_vllm else None
+    backend = "vllm" if use_vllm else "hf"
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0)
+    ph, lens = [], []
+    peak_reset()
+    for i in range(args.warmup + args.gpu_iters):
+        t = [time.perf_counter()]
+        comps = C.generate(student, tok, prompts, max_new_tokens=args.gpu_new_tokens, seed=i, backend=backend, engine=engine)
+        sync(); t.append(time.perf_counter())
+        ids, am, cm = C.make_batch(tok, prompts, [c["ids"] for c in comps], device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = C.chunked_token_divergence(student, teacher, ids, am, cm, beta=1.0, chunk=args.chunk).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sync(); t.append(time.perf_counter())
+        if engine is not None:
+            C.vllm_sync_weights(engine, student)
+        sync(); t.append(time.perf_counter())
+        ph.append(np.diff(t)), lens.append(cm.sum(1).float().mean().item())
+    ph, L = np.array(ph[args.warmup:]), float(np.mean(lens[args.warmup:]))
+    ours_s = float(np.median(ph.sum(1)))
+    table.insert(0, (f"**ours step** (03 rkl, {backend} generation in the loop, chunked RKL, AdamW, weight push)", ours_s,
+                     B * L / ours_s, f"{peak_gb()} (torch tensors" + (f"; the engine holds {args.gpu_mem_util:.0%} of the GPU)" if engine else ")")))
+    gen_s, train_s, push_s = np.median(ph, 0)
+    table.insert(1, (f"&nbsp; ours: generate ({backend}, in the loop)", gen_s, B * L / gen_s,
+                     f"{alone['gen_s'] / gen_s:.0%} of standalone vLLM speed" if alone else ""))
+    table.insert(2, ("&nbsp; ours: divergence + backward + AdamW", train_s, None, ""))
+    table.insert(3, ("&nbsp; ours: weight push into the engine", push_s, None, ""))
+    if trl_row:
+        table += [trl_row, ("**speedup ours vs TRL** (tokens/s)", None, None, f"{(B * L / ours_s) / trl_row[2]:.2f}x")]
+    print("| what | seconds (median) | tokens/s | note |\n|---|---:|---:|---|")
+    for what, sec, tps, note in table:
+        print(f"| {what} | {'' if sec is None else f'{sec:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {note} |")
+    print(f"mean completion length: ours {L:.1f}" + (f", TRL {trl_len:.1f}" if trl_row else "") + (f", standalone {alone['len']:.1f}" if alone else ""))
+    if GKDTrainer is None:
+        print("TRL not installed: `pip install trl` (a benchmark-only dependency) for the GKDTrainer row")
+
+
 if args.what in ("memory", "all"):
     bench_memory()
 if args.what in ("cpu_step", "all"):
     bench_cpu_step()
+if args.what == "gpu" or (args.what == "all" and torch.cuda.is_available()):
+    bench_gpu()

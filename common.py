@@ -454,12 +454,16 @@ def resolve_backend(backend):
     return backend
 
 
-def make_vllm_engine(path, seed=0, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16, max_model_len=4096):
-    """A colocated vLLM engine (imported lazily; never needed on CPU). Sleep mode lets the training
-    step reclaim the KV-cache memory between generations."""
+def make_vllm_engine(path, seed=0, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16, max_model_len=4096,
+                     dtype="bfloat16", **kw):
+    """A colocated vLLM engine (imported lazily; never needed on CPU). The engine core runs in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the training tensors
+    on the same GPU: no pickling of GBs of weights through a pipe every step. Sleep mode lets a
+    training step reclaim the KV-cache memory between generations (engine.sleep / wake_up)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
     return LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
-               max_lora_rank=max_lora_rank, max_model_len=max_model_len, enable_sleep_mode=True, dtype="bfloat16")
+               max_lora_rank=max_lora_rank, max_model_len=max_model_len, enable_sleep_mode=True, dtype=dtype, **kw)
 
 
 def _worker_load_weights(worker, weights):
@@ -539,7 +543,7 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     sampled), "finished": ended with eos}. Seeds: batch b of the hf backend uses seed + b, vLLM uses
     a per-request seed, so a run is reproducible and different seeds give different samples."""
     if backend == "vllm":
-        return _vllm_generate(engine, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
+        return _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
     was_training = model.training
     model.eval()
     res = []
@@ -558,17 +562,22 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     return res
 
 
-def _vllm_generate(engine, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
+def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
+    """Token-id prompts (tokenized here exactly as the hf backend does: no added BOS on top of the
+    chat template's) and texts decoded with the same tokenizer, so both backends return the same fields."""
     from vllm import SamplingParams
     if engine is None:
         die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
     sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=1.0,
-                          top_k=-1 if not greedy else 1, seed=seed * 100_003 + i) for i in range(len(prompts))]
-    outs = engine.generate(prompts, sps, lora_request=lora_request, use_tqdm=False)
+                          top_k=-1 if not greedy else 1, seed=seed * 100_003 + i, detokenize=False) for i in range(len(prompts))]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
     for i, o in enumerate(outs):
         for c in o.outputs:
-            res.append({"i": i, "text": c.text, "ids": list(c.token_ids), "finished": c.finish_reason == "stop"})
+            c_ids = list(c.token_ids)
+            res.append({"i": i, "text": tokenizer.decode(c_ids, skip_special_tokens=True), "ids": c_ids,
+                        "finished": c.finish_reason == "stop"})
     return res
 
 
