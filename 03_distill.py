@@ -73,6 +73,8 @@ p.add_argument("--max_new_tokens", type=int, default=96, help="completion length
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student samples")
 p.add_argument("--n_prompts", type=int, default=64, help="train prompts per task")
 p.add_argument("--teacher_samples", type=int, default=4, help="teacher samples per train prompt (off-policy pool)")
+p.add_argument("--gold", action="store_true", help="sft on the data's reference completions instead of teacher samples "
+               "(no teacher: what more of the ground truth would give the student; toy tasks have them)")
 p.add_argument("--samples_file", default="", help="teacher-sample cache to share between runs (default out_dir/teacher_samples.json)")
 p.add_argument("--lora", type=int, default=0, help="student LoRA rank (0 = full fine-tuning)")
 p.add_argument("--n_eval", type=int, default=100, help="held-out prompts per task for greedy accuracy")
@@ -90,6 +92,8 @@ if not 0 <= args.lmbda <= 1 or not 0 <= args.beta <= 1:
     common.die(f"--lmbda {args.lmbda} and --beta {args.beta} must lie in [0, 1]")
 if args.method == "sft" and args.lmbda > 0:
     common.die("--method sft trains on teacher samples only; --lmbda must be 0 (use rkl/jsd for on-policy)")
+if args.gold and args.method != "sft":
+    common.die("--gold trains on reference completions, which is sft; use --method sft --gold")
 if args.method == "sft" and args.topk:
     common.die("--topk limits the teacher's logits, but sft sees only text; use it with fkl, rkl or jsd")
 cfg = common.write_config(args.out_dir, args)
@@ -137,6 +141,11 @@ def teacher_pool():
     """Off-policy pool: --teacher_samples samples per train prompt from the teacher, made once and
     cached (a resumed run, or an sft and an fkl run pointed at one --samples_file, reuse them when
     the settings that made them match)."""
+    if args.gold:  # the dataset's own completion per train prompt: the data baseline, no teacher involved
+        missing = sorted({x["task"] for x in train if not x["row"].get("completion")})
+        if missing:
+            common.die(f"--gold: {','.join(missing)} rows have no reference 'completion' field; drop --gold or use toy tasks")
+        return [{"i": i, "text": x["row"]["completion"], "ids": None, "finished": True} for i, x in enumerate(train)]
     path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
     key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
     if os.path.exists(path):

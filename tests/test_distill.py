@@ -176,3 +176,28 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_dirs, data, tm
     ck = torch.load(out / "ckpt" / "state.pt", weights_only=False)
     assert 1 <= ck["step"] < 5 and all(torch.isfinite(w).all() for w in ck["weights"].values())
     assert not os.path.exists(out / "model")
+
+
+def test_gold_sft_trains_on_reference_completions(tiny_dirs, data, tmp_path):
+    """--gold: step 1 (batch = all 6 train prompts) is the cross-entropy of the rows' own completions
+    (+ eos), no teacher sampled; rows without a completion fail with one line naming the fix."""
+    r = run(tiny_dirs, data, tmp_path / "nogold", "--method", "sft", "--gold", check=False)
+    assert r.returncode == 2 and "no reference 'completion'" in r.stderr and "Traceback" not in r.stderr
+    gold = tmp_path / "gold_data"
+    for task in ("toy_math", "toy_qa"):
+        os.makedirs(gold / task)
+        for split in ("train", "test"):
+            rows = [dict(x, completion=f"so {x['answer']}\n#### {x['answer']}") for x in common.read_jsonl(str(data / task / f"{split}.jsonl"))]
+            common.write_jsonl(str(gold / task / f"{split}.jsonl"), rows)
+    out = tmp_path / "gold"
+    run(tiny_dirs, gold, out, "--method", "sft", "--gold", "--batch_size", "6")
+    assert not os.path.exists(out / "teacher_samples.json")
+    stok, s = common.load_tokenizer(str(tiny_dirs / "student")), common.load_model(str(tiny_dirs / "student"), "cpu")
+    nll, n = 0.0, 0
+    for t in ("toy_math", "toy_qa"):
+        for row in common.load_task(t, "train", data=str(gold), n=3, seed=0):
+            p_ids = stok(common.build_prompt(stok, t, row), add_special_tokens=False)["input_ids"]
+            c_ids = stok(row["completion"], add_special_tokens=False)["input_ids"] + [stok.eos_token_id]
+            nll += s(input_ids=torch.tensor([p_ids + c_ids]), labels=torch.tensor([[-100] * len(p_ids) + c_ids])).loss.item() * len(c_ids)
+            n += len(c_ids)
+    assert metrics(out)[0]["loss"] == pytest.approx(nll / n, rel=1e-4)
