@@ -73,6 +73,8 @@ p.add_argument("--student_hidden", type=int, default=128)
 p.add_argument("--student_layers", type=int, default=2)
 p.add_argument("--student_steps", type=int, default=700)
 p.add_argument("--student_lr", type=float, default=3e-3)
+p.add_argument("--student_qa_known", type=float, default=1.0, help="share of the invented countries whose toy_qa facts the "
+               "student trains on (1 = all, as the teacher; < 1 leaves knowledge that only the teacher has)")
 p.add_argument("--target_hidden", type=int, default=96)
 p.add_argument("--target_layers", type=int, default=2)
 p.add_argument("--target_steps", type=int, default=300)
@@ -276,6 +278,9 @@ math_test = make_math(rng, args.n_test, seen)
 math_train = make_math(rng, args.math_train, seen)
 qa_train, qa_test, n_facts = make_qa(rng)
 DATA = {"toy_math": (math_train, math_test), "toy_qa": (qa_train, qa_test)}
+_ents = sorted({r["meta"]["entity"] for r in qa_train})
+STUDENT_KNOWS = set(random.Random(args.seed + 1).sample(_ents, round(args.student_qa_known * len(_ents))))
+TRAIN_ROWS = {}  # role -> task -> train rows it saw
 for task, (tr, te) in DATA.items():
     d = os.path.join(args.out_dir, "data", task)
     # test rows keep the gold completion out: answers come from the grader, not from a reference
@@ -354,7 +359,10 @@ def train_model(role, tok, hidden, layers, steps, lr):
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
-    ex = [encode(tok, task, r) for task, (tr, _) in DATA.items() for r in tr]
+    keep = [(task, r) for task, (tr, _) in DATA.items() for r in tr
+            if role != "student" or task != "toy_qa" or r["meta"]["entity"] in STUDENT_KNOWS]
+    TRAIN_ROWS[role] = {t: sum(task == t for task, _ in keep) for t in DATA}
+    ex = [encode(tok, task, r) for task, r in keep]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = lambda s: min(1, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
@@ -423,7 +431,7 @@ for role, tk in ROLES.items():
     save_atomic(model, TOK[tk], os.path.join(args.out_dir, role))
     summary["models"][role] = {"params": sum(p_.numel() for p_ in model.parameters()), "tokenizer": tk,
                                "vocab_size": len(TOK[tk]), "hidden": a[f"{role}_hidden"], "layers": a[f"{role}_layers"],
-                               "train_steps": a[f"{role}_steps"], "acc": acc, "sample": samples}
+                               "train_steps": a[f"{role}_steps"], "train_rows": TRAIN_ROWS[role], "acc": acc, "sample": samples}
     print(f"{role}: {summary['models'][role]['params']:,} params | acc {acc} | "
           f"train {T[f'train_{role}']:.0f}s eval {T[f'eval_{role}']:.0f}s", flush=True)
 
@@ -438,6 +446,7 @@ def mix(rows):
 summary.update({
     "chance": {"toy_math": 0.0, "toy_qa": 0.25},
     "sizes": {t: {"train": len(tr), "test": len(te)} for t, (tr, te) in DATA.items()} | {"qa_facts": n_facts},
+    "student_qa_known": {"share": args.student_qa_known, "entities": sorted(STUDENT_KNOWS)},
     "style_mix": {"toy_math": mix(math_train), "toy_qa": mix(qa_train),
                   "toy_math_check_frac": round(sum("+check" in r["meta"]["style"] for r in math_train) / len(math_train), 4),
                   "toy_math_level_mix": mix([{"meta": {"style": r["meta"]["level"]}} for r in math_train])},

@@ -2,6 +2,7 @@
 Assemble runs/<run>/REPORT.md from the stages' outputs (called by run_all.sh; safe to rerun).
 
     python report.py --run runs/toy
+    python report.py --spread runs/toy runs/seed1 runs/seed2     # README's seed table (prints markdown)
 
 Every table and figure of the run, wall time per stage, the configs used, and a "what reproduced"
 section that checks the paper's claims against this run's numbers. The thresholds of those checks
@@ -15,9 +16,48 @@ import os
 import common
 
 p = argparse.ArgumentParser()
-p.add_argument("--run", required=True, help="runs/<run> folder written by run_all.sh")
+p.add_argument("--run", help="runs/<run> folder written by run_all.sh")
+p.add_argument("--spread", nargs="+", help="several finished runs (e.g. seeds): the headline numbers per run, mean and sd")
 args = common.parse_args(p)
 R = args.run
+if not (args.run or args.spread):
+    common.die("give --run runs/<run> (one report) or --spread RUN RUN ... (the seed table)")
+
+
+def spread(runs):
+    """One markdown row per headline number: its value in every run, then mean and sample sd."""
+    import numpy as np
+    rows = {}
+
+    def put(name, run_i, v):
+        rows.setdefault(name, [None] * len(runs))[run_i] = v
+    for i, r in enumerate(runs):
+        def j(path):
+            try:
+                with open(os.path.join(r, path)) as f:
+                    return json.load(f)
+            except (OSError, json.JSONDecodeError):
+                return None
+        w = j("00_toy_world/summary.json") or {"models": {}}
+        for m, d in w["models"].items():
+            for t in ("toy_math", "toy_qa"):
+                put(f"00 {m} greedy acc {t}", i, d["acc"][t])
+        for v in ("distillable", "undistillable"):
+            c = j(f"02_calibrate/{v}/summary.json")
+            if c:
+                put(f"02 {v} (lam {c['lam']:+g}) seq KL to target, before", i, c["seq_kl_target"]["original"])
+                put(f"02 {v} (lam {c['lam']:+g}) seq KL to target, after", i, c["seq_kl_target"]["calibrated"])
+                for t, a in c["acc"]["calibrated"].items():
+                    put(f"02 original teacher greedy acc {t} (02's eval prompts)", i, c["acc"]["original"][t])
+                    put(f"02 {v} teacher greedy acc {t}", i, a)
+        for row in j("04_eval/table2.json") or []:
+            put(f"04 Table 2 sampled acc {row['task']}: {row['model']}", i, row["acc"])
+    print(f"| number | {' | '.join(os.path.basename(r.rstrip('/')) for r in runs)} | mean | sd |")
+    print("|---|" + "---:|" * (len(runs) + 2))
+    for name, vals in rows.items():
+        got = [v for v in vals if v is not None]
+        sd = f"{np.std(got, ddof=1):.3f}" if len(got) > 1 else "-"
+        print(f"| {name} | {' | '.join(f3(v) for v in vals)} | {np.mean(got):.3f} | {sd} |")
 
 
 def load(path, default=None):
@@ -38,6 +78,11 @@ def text(path):
 
 def f3(x):
     return "-" if x is None else f"{x:.3f}"
+
+
+if args.spread:
+    spread(args.spread)
+    raise SystemExit(0)
 
 
 out = [f"# Report: {os.path.basename(os.path.normpath(R))}", ""]

@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "00_toy_world.py")
 
 
-def run_world(out_dir, seed=0):
-    r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(out_dir), "--seed", str(seed), "--smoke"],
+def run_world(out_dir, seed=0, *extra):
+    r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(out_dir), "--seed", str(seed), "--smoke", *extra],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out_dir
@@ -107,3 +107,18 @@ def test_deterministic(world, tmp_path):
             assert a == (other / "data" / task / f"{split}.jsonl").read_bytes(), (task, split)
     for role in ("teacher", "target"):
         assert (world / role / "tokenizer.json").read_bytes() == (other / role / "tokenizer.json").read_bytes()
+
+
+def test_student_knowledge_gap(world, tmp_path):
+    """--student_qa_known 0.5: the student trains on the toy_qa rows of half the countries only (all of
+    toy_math); the teacher on everything. The data files stay the same."""
+    gap = run_world(tmp_path / "gap", 0, "--student_qa_known", "0.5", "--roles", "teacher,student")
+    s = json.loads((gap / "summary.json").read_text())
+    known = set(s["student_qa_known"]["entities"])
+    qa = read_jsonl(gap / "data" / "toy_qa" / "train.jsonl")
+    n_ent = len({r["meta"]["entity"] for r in qa})
+    assert len(known) == round(0.5 * n_ent) and 0 < len(known) < n_ent
+    stu, tea = s["models"]["student"]["train_rows"], s["models"]["teacher"]["train_rows"]
+    assert stu["toy_qa"] == sum(r["meta"]["entity"] in known for r in qa) < tea["toy_qa"] == len(qa)
+    assert stu["toy_math"] == tea["toy_math"] == len(read_jsonl(gap / "data" / "toy_math" / "train.jsonl"))
+    assert (gap / "data" / "toy_qa" / "train.jsonl").read_bytes() == (world / "data" / "toy_qa" / "train.jsonl").read_bytes()
