@@ -221,6 +221,17 @@ for t in ttasks:
             f"{' (95% intervals disjoint)' if sep('misled', 'rkl') else ' (95% intervals overlap: not a real difference)'}",
             f"- improve student beats SFT / GKD-FKL / GKD-RKL: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> {'yes' if improve else 'no'}"
             f"{' (95% intervals disjoint from all three)' if all(sep('improve', m) for m in ('sft', 'fkl', 'rkl')) else ' (95% intervals overlap: not a real difference)'}", ""]
+# the precondition of every student claim: distillation from the ORIGINAL teacher must move the student
+# at this budget, or there is no signal for calibration to amplify (distillable) or poison (undistillable)
+for t in ttasks:
+    ci = {m: acc(t2, m, t, "acc_ci") for m in ("student", "sft", "fkl", "rkl")}
+    if any(v is None for v in ci.values()):
+        continue
+    moved = [m for m in ("sft", "fkl", "rkl") if ci[m][0] > ci["student"][1] or ci[m][1] < ci["student"][0]]
+    out.append(f"- precondition, {t}: distillation from the original teacher moves the student beyond its 95% interval "
+               f"(student {acc(t2, 'student', t):.3f} [{ci['student'][0]:.3f}, {ci['student'][1]:.3f}]; sft / fkl / rkl "
+               f"{' / '.join(f3(acc(t2, m, t)) for m in ('sft', 'fkl', 'rkl'))}): "
+               + (f"yes ({', '.join(moved)})" if moved else "no: at this distillation budget there is no signal for the knob to act on"))
 for v, s in cal.items():
     o, c = s["seq_kl_target"]["original"], s["seq_kl_target"]["calibrated"]
     want = "down" if s["lam"] > 0 else "up" if s["lam"] < 0 else "-"
