@@ -196,6 +196,31 @@ if guard:
         out.append(f"| {att} | " + " | ".join(f"{f3(acc(both, orig, t))} | {f3(acc(both, und, t))}" for t in gtasks) + " |")
     out.append("")
 
+gapt = load("extras/gap/table2.json")
+if gapt:
+    gtasks = sorted({r["task"] for r in gapt})
+    ci = lambda m, t: acc(gapt, m, t, "acc_ci") or [float("nan")] * 2
+    out += ["## Extra: a student with a knowledge gap (the precondition, met by construction)", "",
+            "The student trained on the toy_qa facts of half the countries only (`00_toy_world.py --student_qa_known 0.5`); "
+            "distilled for 300 steps on 1000 prompts per task. gold = SFT on the reference completions (no teacher). "
+            "Sampled accuracy [95% bootstrap interval] (stage 04).", "",
+            "| student | " + " | ".join(gtasks) + " |", "|---|" + "---:|" * len(gtasks)]
+    for m, name in (("student", "gap student, before"), ("gold", "SFT on gold completions"), ("rkl", "GKD-RKL, original teacher"),
+                    ("improve", "GKD-RKL, distillable teacher (improve)"), ("misled", "GKD-RKL, undistillable teacher (misled)")):
+        out.append(f"| {name} | " + " | ".join(f"{f3(acc(gapt, m, t))} [{ci(m, t)[0]:.3f}, {ci(m, t)[1]:.3f}]" for t in gtasks) + " |")
+    out.append("")
+    for t in gtasks:
+        a = {m: acc(gapt, m, t) for m in ("student", "rkl", "improve", "misled")}
+        if any(v is None for v in a.values()):
+            continue
+        dis = lambda x, y: ci(x, t)[0] > ci(y, t)[1] or ci(y, t)[0] > ci(x, t)[1]
+        out += [f"- {t}: rkl from the original teacher moves the student: {a['student']:.3f} -> {a['rkl']:.3f} "
+                f"({'beyond' if dis('rkl', 'student') else 'within'} the 95% intervals); misled below rkl: {a['misled']:.3f} vs "
+                f"{a['rkl']:.3f} -> {'yes' if a['misled'] < a['rkl'] else 'no'} ({'disjoint' if dis('misled', 'rkl') else 'overlapping'} "
+                f"intervals); improve above rkl: {a['improve']:.3f} -> {'yes' if a['improve'] > a['rkl'] else 'no'} "
+                f"({'disjoint' if dis('improve', 'rkl') else 'overlapping'} intervals)"]
+    out.append("")
+
 # ----------------------------------------------------------------------------- what reproduced
 out += ["## What reproduced and what did not", "",
         "Checks against the paper's claims, on this run's held-out accuracy (mean over k samples, stage 04). "

@@ -3,7 +3,7 @@
 #
 #   bash run_all.sh                       # toy world, offline, 2 CPU cores: see README for the measured time
 #   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~3 min on CPU)
-#   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2) and guard matrix (toy only)
+#   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix, knowledge-gap student (toy only)
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
@@ -149,6 +149,27 @@ if [ "$EXTRAS" = 1 ]; then
   GM+=",fkl_undistillable=$D/fkl_undistillable/model,fkl_top20_undistillable=$D/fkl_top20_undistillable/model"
   stage 04_eval_guard "$X/guard/table2.json" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
     "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+  # a world with a distillation signal: the default student learned from the same ground truth as the
+  # teacher, so the teacher has nothing to pass on at 60 steps (report.py's precondition check). This
+  # student never saw half the countries' toy_qa facts; the students get 1000 prompts per task and 300
+  # steps (lr 5e-4). gold = sft on the reference completions: what the data alone gives, no teacher.
+  GW=$X/gap_world; GD=$X/gap_distill
+  GAP=(--student "$GW/student" --steps 300 --n_prompts 1000 --lr 5e-4 --teacher_samples 1)
+  [ "$SMOKE" = 1 ] && GAP=(--student "$GW/student")
+  stage 00_gap_student "$GW/summary.json" "$GW" -- $PY 00_toy_world.py --out_dir "$GW" --roles student \
+    --student_qa_known 0.5 "${SD[@]}" "${S00[@]}"
+  gap() {  # gap NAME METHOD TEACHER [extra]: like distill, on the gap student and budget
+    local name=$1 method=$2 teacher=$3; shift 3
+    stage "03_gap_$name" "$GD/$name/model/config.json" "$GD/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
+      --tasks "$TASKS" "${DATA[@]}" --out_dir "$GD/$name" "${SD[@]}" "${GEN[@]}" "${S03[@]}" "${GAP[@]}" "$@"
+  }
+  gap gold sft "$TEACHER" --gold
+  gap rkl rkl "$TEACHER"
+  gap improve rkl "$CAL/distillable/merged"
+  gap misled rkl "$CAL/undistillable/merged"
+  GPM="student=$GW/student,gold=$GD/gold/model,rkl=$GD/rkl/model,improve=$GD/improve/model,misled=$GD/misled/model"
+  stage 04_eval_gap "$X/gap/table2.json" "$X/gap/table2.json" -- $PY 04_eval.py --models "$GPM" --tasks "$TASKS" \
+    "${DATA[@]}" --out_dir "$X/gap" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 fi
 
 # ----------------------------------------------------------------------------- report
