@@ -36,6 +36,12 @@ The teacher's lr is 1e-3: at 3e-3 (and 1.5e-3) the 4-layer teacher learned slowe
 2-layer student (loss 1.10 vs 0.88 at step 300) and ended below it. An earlier, harder version of
 the tasks (2-digit numbers, shuffled options) left a 300-step teacher at chance, so the operands are
 1-digit and the option order is fixed (the answer letter is the memorized fact).
+Knowledge gap (`--student_qa_known 0.5`, run_all.sh EXTRAS): by default the student trains on the
+same ground truth as the teacher, so the teacher knows nothing the student could not have learned
+from its own data, and a short distillation has nothing to transfer. With 0.5 the student sees the
+toy_qa facts of half the countries only (test prompts still cover all of them): knowledge that only
+the teacher holds, as with a real teacher and student. Data, tokenizers and the other models are
+unchanged; summary.json records the countries the student saw and each model's train rows.
 Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.3M-3M parameter Llamas
 whose only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
 """

@@ -261,7 +261,7 @@ elif os.path.exists(metrics_path):
 pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
-    engine = common.make_vllm_engine(args.student, seed=args.seed)
+    engine = common.make_vllm_engine(args.student, seed=args.seed, inprocess=True)
     if start:
         common.vllm_sync_weights(engine, hf_weights_view())
 

@@ -336,7 +336,7 @@ def gpu_standalone(path):
     """Best-case vLLM: its own process, most of the GPU, nothing else loaded. Median seconds per generate call."""
     sys.path.insert(0, "tests")
     from conftest import char_tokenizer
-    tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048)
+    tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048, inprocess=True)
     prompts, ts, lens = gpu_prompts(tok), [], []
     for i in range(args.warmup + args.gpu_iters):
         t0 = time.perf_counter()
@@ -452,7 +452,7 @@ def bench_gpu():
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     # (3) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
-    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048) if use_vllm else None
+    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048, inprocess=True) if use_vllm else None
     backend = "vllm" if use_vllm else "hf"
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0)

@@ -455,12 +455,13 @@ def resolve_backend(backend):
 
 
 def make_vllm_engine(path, seed=0, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16, max_model_len=4096,
-                     dtype="bfloat16", **kw):
-    """A colocated vLLM engine (imported lazily; never needed on CPU). The engine core runs in this
-    process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the training tensors
-    on the same GPU: no pickling of GBs of weights through a pipe every step. Sleep mode lets a
-    training step reclaim the KV-cache memory between generations (engine.sleep / wake_up)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+                     dtype="bfloat16", inprocess=False, **kw):
+    """A colocated vLLM engine (imported lazily; never needed on CPU). inprocess=True runs the engine
+    core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the
+    training tensors on the same GPU instead of pickling GBs through a pipe every step: use it for the
+    one engine that receives weights (03's student). Other engines keep vLLM's own process, which
+    frees its memory when deleted. Sleep mode lets a training step reclaim the KV cache (sleep/wake_up)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inprocess else "1"
     from vllm import LLM
     return LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
                max_lora_rank=max_lora_rank, max_model_len=max_model_len, enable_sleep_mode=True, dtype=dtype, **kw)

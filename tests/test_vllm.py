@@ -22,7 +22,7 @@ def setup(tmp_path_factory, tok):
     tiny_llama(len(tok), hidden=256, layers=2, seed=5, tok=tok).save_pretrained(path)
     tok.save_pretrained(path)
     engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.2, enable_lora=True, max_lora_rank=8,
-                                max_model_len=512, dtype="float32", enforce_eager=True)
+                                max_model_len=512, dtype="float32", enforce_eager=True, inprocess=True)
     model = C.load_model(path, "cuda", dtype=torch.float32)
     prompts = [C.build_prompt(tok, "toy_math", {"prompt": q}) for q in ("what is 2+3?", "count to five", "a b c")]
     return engine, model, prompts
