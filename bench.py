@@ -352,7 +352,7 @@ if args._standalone:
 
 
 def bench_gpu():
-    import copy
+    import gc
     from transformers import Qwen3Config, Qwen3ForCausalLM
     sys.path.insert(0, "tests")
     from conftest import char_tokenizer
@@ -434,7 +434,8 @@ def bench_gpu():
             def compute_loss(self, model, inputs, **kw):
                 lens.append((inputs["labels"][:, 1:] != -100).sum(1).float().mean().item())
                 return super().compute_loss(model, inputs, **kw)
-        s_trl = copy.deepcopy(student)
+        student.to("cpu")  # one student on the GPU at a time: TRL's own copy from the same folder
+        s_trl = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
         pids = [tok(q, add_special_tokens=False)["input_ids"] for q in prompts]
         ds = Dataset.from_list([{"prompt": q, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
                                 for q, p in zip(prompts, pids)])
@@ -449,8 +450,10 @@ def bench_gpu():
         trl_row = (f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
                    B * trl_len / trl_s, peak_gb())
         del s_trl
+        gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        student.to(dev)
     # (3) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
     engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048, inprocess=True) if use_vllm else None
     backend = "vllm" if use_vllm else "hf"
