@@ -4,6 +4,7 @@
 #   bash run_all.sh                       # toy world, offline, 2 CPU cores: see README for the measured time
 #   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~3 min on CPU)
 #   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix, knowledge-gap student (toy only)
+#   EXTRAS=gap bash run_all.sh            # + the knowledge-gap student only
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
@@ -130,8 +131,8 @@ stage 05_failure "$F/failure_modes.json" "$F" -- $PY 05_failure_modes.py --sampl
   --out_dir "$F" "${SD[@]}" "${GEN[@]}" "${S05[@]}"
 
 # ----------------------------------------------------------------------------- extras (toy): knob sweep and guard matrix
+X=$R/extras
 if [ "$EXTRAS" = 1 ]; then
-  X=$R/extras
   KM="teacher=$TEACHER"
   for lam in -2 -0.5 0 0.5 2; do
     calibrate "lam_$lam" "$lam" "$TASKS"
@@ -149,6 +150,8 @@ if [ "$EXTRAS" = 1 ]; then
   GM+=",fkl_undistillable=$D/fkl_undistillable/model,fkl_top20_undistillable=$D/fkl_top20_undistillable/model"
   stage 04_eval_guard "$X/guard/table2.json" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
     "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+fi
+if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
   # a world with a distillation signal: the default student learned from the same ground truth as the
   # teacher, so the teacher has nothing to pass on at 60 steps (report.py's precondition check). This
   # student never saw half the countries' toy_qa facts; the students get 1000 prompts per task and 300
