@@ -569,8 +569,9 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
     from vllm import SamplingParams
     if engine is None:
         die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
-    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=1.0,
-                          top_k=-1 if not greedy else 1, seed=seed * 100_003 + i, detokenize=False) for i in range(len(prompts))]
+    # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1)
+    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                          seed=seed * 100_003 + i, detokenize=False) for i in range(len(prompts))]
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
