@@ -52,6 +52,8 @@ def spread(runs):
                     put(f"02 {v} teacher greedy acc {t}", i, a)
         for row in j("04_eval/table2.json") or []:
             put(f"04 Table 2 sampled acc {row['task']}: {row['model']}", i, row["acc"])
+        for row in j("extras/gap/table2.json") or []:
+            put(f"extras gap-student sampled acc {row['task']}: {row['model']}", i, row["acc"])
     print(f"| number | {' | '.join(os.path.basename(r.rstrip('/')) for r in runs)} | mean | sd |")
     print("|---|" + "---:|" * (len(runs) + 2))
     for name, vals in rows.items():
