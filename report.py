@@ -201,10 +201,12 @@ if guard:
 gapt = load("extras/gap/table2.json")
 if gapt:
     gtasks = sorted({r["task"] for r in gapt})
+    gcfg = load("extras/gap_distill/rkl/config.json", {})
     ci = lambda m, t: acc(gapt, m, t, "acc_ci") or [float("nan")] * 2
     out += ["## Extra: a student with a knowledge gap (the precondition, met by construction)", "",
             "The student trained on the toy_qa facts of half the countries only (`00_toy_world.py --student_qa_known 0.5`); "
-            "distilled for 300 steps on 1000 prompts per task. gold = SFT on the reference completions (no teacher). "
+            f"distilled for {gcfg.get('steps', '?')} steps x {gcfg.get('batch_size', '?')} sequences on {gcfg.get('n_prompts', '?')} "
+            f"prompts per task, lr {gcfg.get('lr', '?')}. gold = SFT on the reference completions (no teacher). "
             "Sampled accuracy [95% bootstrap interval] (stage 04).", "",
             "| student | " + " | ".join(gtasks) + " |", "|---|" + "---:|" * len(gtasks)]
     for m, name in (("student", "gap student, before"), ("gold", "SFT on gold completions"), ("rkl", "GKD-RKL, original teacher"),
