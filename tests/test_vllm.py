@@ -41,6 +41,8 @@ def test_samples_and_seeds(setup, tok):
     assert [o["ids"] for o in a] == [o["ids"] for o in b]
     assert [o["ids"] for o in a] != [o["ids"] for o in c]
     assert all(o["text"] == tok.decode(o["ids"], skip_special_tokens=True) for o in a)
+    # as in the hf backend, a finished sample's ids end with the eos it sampled (03 trains on it)
+    assert all(o["ids"][-1] == tok.eos_token_id for o in a + c if o["finished"])
 
 
 def test_greedy_matches_hf_and_weight_push(setup, tok):
