@@ -41,7 +41,9 @@ the teacher at that budget: 0.28 / 0.41 -> rkl 0.39 / 0.55 (112 s), from the lam
 
 Departures from the paper: constant learning rate, no warmup (short toy runs; and a resume with
 more --steps then continues exactly). One sample per prompt per on-policy step. The toy students
-are tiny and fully fine-tuned; --lora r is there for real models. The CUDA + vLLM path (a colocated
+are tiny and fully fine-tuned; --lora r, --micro_batch k (exact gradient accumulation: token-loss
+sums per micro-batch, one division by the batch's token count) and --grad_ckpt are there for real
+models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The CUDA + vLLM path (a colocated
 engine for on-policy samples, weights pushed after every optimizer step, no rebuild) is written
 for real but untested here: this project's CI machine has no GPU.
 """
@@ -72,6 +74,10 @@ p.add_argument("--beta", type=float, default=0.5, help="jsd only: 0 = forward KL
 p.add_argument("--topk", type=int, default=0, help="teacher sees only its top-k logits, renormalized (0 = all)")
 p.add_argument("--steps", type=int, default=60, help="optimizer steps")
 p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward, gradients accumulated exactly "
+               "(0 = the whole batch at once); for real models and long completions")
+p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the student's trunk (real models: "
+               "activation memory of one layer instead of all)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = off)")
 p.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (samples and eval)")
@@ -117,6 +123,8 @@ t_start = time.time()
 stok, ttok = common.load_tokenizer(args.student), common.load_tokenizer(args.teacher)
 # fp32 master weights for the student (AdamW on bf16 weights loses small updates); bf16 autocast on CUDA
 student = common.load_model(args.student, device, dtype=torch.float32, trainable=True)
+if args.grad_ckpt:  # only while training: HF skips checkpointing in eval mode, so generation keeps its KV cache
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 teacher = common.load_model(args.teacher, device)
 vocab = None
 if BETA is not None:
@@ -235,16 +243,17 @@ def save_model():
 
 def batch_loss(items, completions):
     """items: B prompt items; completions: B samples {ids, text, finished} from the teacher (off-policy)
-    or the student (on-policy). Returns (loss, mean completion length in student tokens)."""
+    or the student (on-policy). Returns (sum of the per-token losses, number of completion tokens in
+    student tokens): the step divides once by the whole batch's count, so micro-batches are exact."""
     if args.method == "sft":  # text only: re-tokenize with the student's tokenizer
         ids, am, cm = common.make_text_batch(stok, [x["sp"] for x in items], [c["text"] for c in completions],
                                              eos=[c["finished"] for c in completions], device=device)
         lp_BL = common.completion_logprobs(student, ids, am, cm, chunk=args.chunk)
-        return -(lp_BL * cm).sum() / cm.sum().clamp(min=1), cm.sum(1).float().mean().item()
+        return -(lp_BL * cm).sum(), int(cm.sum())
     ids, am, cm = common.make_batch(stok, [x["sp"] for x in items], [c["ids"] for c in completions], device=device)
     div_N = common.chunked_token_divergence(student, teacher, ids, am, cm, beta=BETA, chunk=args.chunk, vocab=vocab,
                                             teacher_topk=args.topk or None)
-    return div_N.mean(), cm.sum(1).float().mean().item()
+    return div_N.sum(), div_N.numel()
 
 
 # ----------------------------------------------------------------------------- resume / setup
@@ -296,22 +305,29 @@ for step in range(start + 1, args.steps + 1):
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
     student.train()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, mean_len = batch_loss(items, comps)
     good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
-    if not torch.isfinite(loss):
-        common.die(f"non-finite loss {loss.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
-                   f"{mean_len:.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    mb, loss_sum, n_tok = args.micro_batch or len(items), 0.0, 0
+    for a in range(0, len(items), mb):  # backward per micro-batch on token SUMS; one division by the batch's count below
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            s_sum, s_n = batch_loss(items[a:a + mb], comps[a:a + mb])
+        if not torch.isfinite(s_sum):
+            common.die(f"non-finite loss {s_sum.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
+                       f"{s_n / len(items[a:a + mb]):.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
+        s_sum.backward()
+        loss_sum, n_tok = loss_sum + s_sum.item(), n_tok + s_n
+    for q in params:  # the mean over the batch's completion tokens, as one full-batch backward would give
+        if q.grad is not None:
+            q.grad.div_(max(n_tok, 1))
+    loss, mean_len = loss_sum / max(n_tok, 1), n_tok / len(items)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not torch.isfinite(gnorm):
-        common.die(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss.item():.4f}); weights not updated, "
+        common.die(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss:.4f}); weights not updated, "
                    f"{good}; lower --lr or check the models")
     opt.step()
     if engine is not None:
         common.vllm_sync_weights(engine, hf_weights_view())
-    row = {"step": step, "loss": loss.item(), "kl": loss.item() if BETA is not None else None, "len": mean_len,
+    row = {"step": step, "loss": loss, "kl": loss if BETA is not None else None, "len": mean_len,
            "onpolicy": onpolicy, "grad_norm": gnorm.item()}
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
         row["acc"], row["acc_tasks"] = evaluate()

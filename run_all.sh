@@ -43,15 +43,15 @@ case $PRESET in
     W=$R/00_toy_world
     TEACHER=$W/teacher; STUDENT=$W/student; TARGET=$W/target
     DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; CAL_TASK=toy_math; OOD_TASK=toy_qa
-    TB="toy teacher"; SB="toy student"; GEN=(); ;;
+    TB="toy teacher"; SB="toy student"; GEN=(); BIG03=(); ;;
   qwen3)
     TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B
     DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    TB=Qwen3-8B; SB=Qwen3-1.7B; GEN=(--max_new_tokens 2048 --backend vllm); ;;
+    TB=Qwen3-8B; SB=Qwen3-1.7B; GEN=(--max_new_tokens 2048 --backend vllm); BIG03=(--micro_batch 4 --grad_ckpt); ;;
   gemma3)
     TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it
     DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    TB=Gemma-3-12B; SB=Gemma-3-4B; GEN=(--max_new_tokens 2048 --backend vllm); ;;
+    TB=Gemma-3-12B; SB=Gemma-3-4B; GEN=(--max_new_tokens 2048 --backend vllm); BIG03=(--micro_batch 4 --grad_ckpt); ;;
   *) echo "error: PRESET=$PRESET; choose toy, qwen3 or gemma3" >&2; exit 2 ;;
 esac
 
@@ -96,7 +96,7 @@ D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
   stage "03_distill_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${S03[@]}" "$@"
+    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${BIG03[@]}" "${S03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
 distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
