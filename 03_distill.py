@@ -241,19 +241,22 @@ def save_model():
     os.replace(tmp, final)
 
 
-def batch_loss(items, completions):
-    """items: B prompt items; completions: B samples {ids, text, finished} from the teacher (off-policy)
-    or the student (on-policy). Returns (sum of the per-token losses, number of completion tokens in
-    student tokens): the step divides once by the whole batch's count, so micro-batches are exact."""
-    if args.method == "sft":  # text only: re-tokenize with the student's tokenizer
-        ids, am, cm = common.make_text_batch(stok, [x["sp"] for x in items], [c["text"] for c in completions],
-                                             eos=[c["finished"] for c in completions], device=device)
-        lp_BL = common.completion_logprobs(student, ids, am, cm, chunk=args.chunk)
-        return -(lp_BL * cm).sum(), int(cm.sum())
-    ids, am, cm = common.make_batch(stok, [x["sp"] for x in items], [c["ids"] for c in completions], device=device)
-    div_N = common.chunked_token_divergence(student, teacher, ids, am, cm, beta=BETA, chunk=args.chunk, vocab=vocab,
-                                            teacher_topk=args.topk or None)
-    return div_N.sum(), div_N.numel()
+def batch_tensors(items, completions):
+    """items: prompt items; completions: their samples {ids, text, finished} from the teacher
+    (off-policy) or the student (on-policy). -> (ids, attention mask, completion mask), student tokens.
+    sft re-tokenizes the text (works across tokenizers); the token methods take the ids as sampled."""
+    if args.method == "sft":
+        return common.make_text_batch(stok, [x["sp"] for x in items], [c["text"] for c in completions],
+                                      eos=[c["finished"] for c in completions], device=device)
+    return common.make_batch(stok, [x["sp"] for x in items], [c["ids"] for c in completions], device=device)
+
+
+def token_loss_sum(ids, am, cm):
+    """Sum over completion tokens of the per-token loss (NLL for sft, the divergence otherwise)."""
+    if args.method == "sft":
+        return -(common.completion_logprobs(student, ids, am, cm, chunk=args.chunk) * cm).sum()
+    return common.chunked_token_divergence(student, teacher, ids, am, cm, beta=BETA, chunk=args.chunk, vocab=vocab,
+                                           teacher_topk=args.topk or None).sum()
 
 
 # ----------------------------------------------------------------------------- resume / setup
@@ -307,19 +310,20 @@ for step in range(start + 1, args.steps + 1):
     student.train()
     good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
     opt.zero_grad(set_to_none=True)
-    mb, loss_sum, n_tok = args.micro_batch or len(items), 0.0, 0
-    for a in range(0, len(items), mb):  # backward per micro-batch on token SUMS; one division by the batch's count below
+    # the loss is the mean over the whole batch's completion tokens; with --micro_batch each part
+    # contributes its token-loss sum / that count, so accumulating the parts' gradients is exact
+    mb = args.micro_batch or len(items)
+    parts = [batch_tensors(items[a:a + mb], comps[a:a + mb]) for a in range(0, len(items), mb)]
+    n_tok = max(sum(int(cm.sum()) for _, _, cm in parts), 1)
+    mean_len, loss = n_tok / len(items), 0.0
+    for ids, am, cm in parts:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            s_sum, s_n = batch_loss(items[a:a + mb], comps[a:a + mb])
-        if not torch.isfinite(s_sum):
-            common.die(f"non-finite loss {s_sum.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
-                       f"{s_n / len(items[a:a + mb]):.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
-        s_sum.backward()
-        loss_sum, n_tok = loss_sum + s_sum.item(), n_tok + s_n
-    for q in params:  # the mean over the batch's completion tokens, as one full-batch backward would give
-        if q.grad is not None:
-            q.grad.div_(max(n_tok, 1))
-    loss, mean_len = loss_sum / max(n_tok, 1), n_tok / len(items)
+            part = token_loss_sum(ids, am, cm) / n_tok
+        if not torch.isfinite(part):
+            common.die(f"non-finite loss {part.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
+                       f"{mean_len:.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
+        part.backward()
+        loss += part.item()
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not torch.isfinite(gnorm):
         common.die(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss:.4f}); weights not updated, "

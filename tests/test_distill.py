@@ -229,6 +229,10 @@ def test_micro_batches_and_checkpointing_give_the_full_batch_step(tiny_dirs, dat
     a = common.load_model(str(outs["full"] / "model"), "cpu").state_dict()
     b = common.load_model(str(outs["micro"] / "model"), "cpu").state_dict()
     s0 = common.load_model(str(tiny_dirs / "student"), "cpu").state_dict()
-    assert any(not torch.equal(a[k], s0[k]) for k in a)  # the step did move the student
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    da = torch.cat([(a[k] - s0[k]).flatten() for k in a])  # the two steps' updates
+    db = torch.cat([(b[k] - s0[k]).flatten() for k in a])
+    assert da.abs().max() > 5e-4  # the step did move the student (lr 1e-3)
+    # AdamW's first step is about lr * sign(grad): where |grad| ~ eps, float noise in the gradient moves an
+    # entry by up to ~1e-5, so compare the updates as a whole, not entry by entry
+    assert torch.nn.functional.cosine_similarity(da, db, 0) > 0.9999
+    assert ((da - db).abs() > 1e-6).float().mean() < 1e-3
