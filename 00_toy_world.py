@@ -45,7 +45,7 @@ unchanged; summary.json records the countries the student saw and each model's t
 Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.3M-3M parameter Llamas
 whose only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
 """
-import argparse, json, math, os, random, shutil, sys, time
+import argparse, math, os, random, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ p.add_argument("--warmup", type=int, default=40, help="linear warmup steps, then
 p.add_argument("--log_every", type=int, default=50, help="one progress line every N steps")
 p.add_argument("--roles", default="teacher,student,target", help="which models to build (all by default)")
 p.add_argument("--eval_batch", type=int, default=100, help="prompts per greedy generate call")
-args = p.parse_args()
+args = common.parse_args(p)
 if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meaningless here
     args.math_train, args.qa_entities, args.qa_repeats, args.n_test = 600, 8, 3, 24
     args.teacher_hidden, args.teacher_layers, args.student_hidden, args.target_hidden = 64, 2, 48, 32
@@ -98,17 +98,8 @@ if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meani
     args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
 
 
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-os.makedirs(args.out_dir, exist_ok=True)
-write_atomic(os.path.join(args.out_dir, "config.json"), json.dumps(vars(args), indent=2))
-random.seed(args.seed)
-torch.manual_seed(args.seed)
+common.write_config(args.out_dir, args)
+common.seed_everything(args.seed)
 T = {}  # seconds per phase
 t0 = time.time()
 
@@ -274,10 +265,6 @@ def make_qa(rng):
     return train, test, len(facts)
 
 
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 rng = random.Random(args.seed)
 seen = set()
 math_test = make_math(rng, args.n_test, seen)
@@ -290,8 +277,8 @@ TRAIN_ROWS = {}  # role -> task -> train rows it saw
 for task, (tr, te) in DATA.items():
     d = os.path.join(args.out_dir, "data", task)
     # test rows keep the gold completion out: answers come from the grader, not from a reference
-    write_jsonl(os.path.join(d, "train.jsonl"), tr)
-    write_jsonl(os.path.join(d, "test.jsonl"), [{k: v for k, v in r.items() if k != "completion"} for r in te])
+    common.write_jsonl(os.path.join(d, "train.jsonl"), tr)
+    common.write_jsonl(os.path.join(d, "test.jsonl"), [{k: v for k, v in r.items() if k != "completion"} for r in te])
 T["data"] = time.time() - t0
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -412,15 +399,6 @@ def evaluate(model, tok):
     return acc, samples
 
 
-def save_atomic(model, tok, path):
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- run
 ROLES = {"teacher": "A", "student": "A", "target": "B"}
 summary = {"models": {}}
@@ -434,7 +412,10 @@ for role, tk in ROLES.items():
     t1 = time.time()
     acc, samples = evaluate(model, TOK[tk])
     T[f"eval_{role}"] = time.time() - t1
-    save_atomic(model, TOK[tk], os.path.join(args.out_dir, role))
+    def save(d):  # the model and its tokenizer: an HF folder every later stage loads
+        model.save_pretrained(d)
+        TOK[tk].save_pretrained(d)
+    common.atomic_save_dir(os.path.join(args.out_dir, role), save)
     summary["models"][role] = {"params": sum(p_.numel() for p_ in model.parameters()), "tokenizer": tk,
                                "vocab_size": len(TOK[tk]), "hidden": a[f"{role}_hidden"], "layers": a[f"{role}_layers"],
                                "train_steps": a[f"{role}_steps"], "train_rows": TRAIN_ROWS[role], "acc": acc, "sample": samples}
@@ -460,5 +441,5 @@ summary.update({
     "seconds": {k: round(v, 1) for k, v in T.items()} | {"total": round(time.time() - t0, 1)},
     "grader": "common.grade",
 })
-write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=2))
+common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
 print(f"done in {time.time() - t0:.0f}s -> {args.out_dir}/summary.json")

@@ -218,25 +218,10 @@ def evaluate(step, tag, use_lora=True):
 
 def save_ckpt(step, cursor):
     """ckpt/: adapter weights, optimizer, step, RNG, data cursor. Written to ckpt.tmp, then swapped
-    in, so a kill at any moment leaves either the old or the new checkpoint whole."""
-    ck, tmp, old = (os.path.join(args.out_dir, d) for d in ("ckpt", "ckpt.tmp", "ckpt.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(), "step": step,
-                "cursor": cursor, "rng": common.rng_state()}, os.path.join(tmp, "state.pt"))
-    if os.path.exists(ck):
-        os.replace(ck, old)
-    os.replace(tmp, ck)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_dir(path, fn):
-    """Write a folder via path.tmp and rename, so merged/ and adapter/ are never half-written."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fn(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    in (common.atomic_save_dir), so a kill leaves either the old or the new checkpoint whole."""
+    state = {"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(), "step": step,
+             "cursor": cursor, "rng": common.rng_state()}
+    common.atomic_save_dir(os.path.join(args.out_dir, "ckpt"), lambda d: torch.save(state, os.path.join(d, "state.pt")))
 
 
 # -----------------------------------------------------------------------------
@@ -322,7 +307,7 @@ while step < args.steps:
 
 # -----------------------------------------------------------------------------
 # outputs: adapter, held-out eval of the calibrated teacher, merged model, summary
-save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
+common.atomic_save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
 after = evaluate(step, "calibrated")
 merged = model.merge_and_unload()  # plain HF model: loads with AutoModelForCausalLM.from_pretrained
 
@@ -332,7 +317,7 @@ def save_merged(path):
     tok.save_pretrained(path)
 
 
-save_dir(os.path.join(args.out_dir, "merged"), save_merged)
+common.atomic_save_dir(os.path.join(args.out_dir, "merged"), save_merged)
 shutil.rmtree(lora_dir, ignore_errors=True)
 rows = common.read_jsonl(metrics_path)
 train = [r for r in rows if "eval" not in r]

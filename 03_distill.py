@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -231,14 +230,12 @@ def save_ckpt(step, state):
 
 def save_model():
     """model/: a plain HF folder (LoRA merged) with the student's tokenizer, loadable by 01/04."""
-    final = os.path.join(args.out_dir, "model")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     m = student.merge_and_unload() if args.lora else student
-    m.save_pretrained(tmp)
-    stok.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(d):
+        m.save_pretrained(d)
+        stok.save_pretrained(d)
+    common.atomic_save_dir(os.path.join(args.out_dir, "model"), write)
 
 
 def batch_tensors(items, completions):

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from fractions import Fraction
@@ -57,6 +58,20 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_save_dir(path, write):
+    """write(tmp) fills a folder (save_pretrained, torch.save); it replaces `path` only once
+    complete, and the previous folder is removed only after, so a killed run never leaves a
+    half-written folder (at worst the previous one as path.old)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_jsonl(path, rows):

@@ -205,3 +205,22 @@ def test_finished_rows_leave_the_batch_without_mixing_rows(tok):
     for o in sampled:  # eos only ever as the last token, and exactly when finished
         assert (tok.eos_token_id in o["ids"]) == o["finished"]
         assert tok.eos_token_id not in o["ids"][:-1]
+
+
+def test_atomic_save_dir_keeps_the_old_folder_until_the_new_one_is_whole(tmp_path):
+    path = str(tmp_path / "model")
+
+    def writer(text, fail=False):
+        def write(d):
+            with open(os.path.join(d, "w.txt"), "w") as f:
+                f.write(text)
+            if fail:
+                raise RuntimeError("killed mid-save")
+        return write
+    C.atomic_save_dir(path, writer("one"))
+    with pytest.raises(RuntimeError):
+        C.atomic_save_dir(path, writer("two", fail=True))
+    assert open(os.path.join(path, "w.txt")).read() == "one"  # the half-written save never replaced it
+    C.atomic_save_dir(path, writer("three"))
+    assert open(os.path.join(path, "w.txt")).read() == "three"
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no .tmp / .old left behind
