@@ -176,13 +176,15 @@ def ours_step(student, teacher, opt, tok, prompts, vocab, step):
     return np.diff(t), cm.sum(1).float().mean().item()
 
 
-def trl_trainer(student, teacher, tok, prompts, times, lens, between, grad_ckpt=False, iters=None):
-    """GKDTrainer on the same prompts (a 16-row dataset: every step sees the same prompts, as ours does).
-    between(i) runs after TRL's step i, outside its timing: our measurements interleave with TRL's, so a
-    shared machine's changing load hits both sides alike.
-    fp32 and gradient_checkpointing off by default: GKDConfig (an SFTConfig) ships with it on, which also
-    turns the KV cache off in generation, i.e. not the same work; grad_ckpt=True measures TRL as shipped
-    (DESIGN 10's ~5.5 s). None if TRL is not installed."""
+def trl_trainer(student, teacher, tok, prompts, times, lens, between=lambda i: None, grad_ckpt=False, iters=None,
+                new_tokens=None, lr=None, bf16=False, sync=lambda: None):
+    """GKDTrainer on the same prompts (a B-row dataset: every step sees the same prompts, as ours does).
+    times / lens collect each step's seconds and trained completion length. between(i) runs after
+    TRL's step i, outside its timing: on CPU our measurements interleave with TRL's, so a shared
+    machine's changing load hits both sides alike. sync() waits for the GPU before each clock read.
+    gradient_checkpointing off by default: GKDConfig (an SFTConfig) ships with it on, which also
+    turns the KV cache off in generation, i.e. not the same work; grad_ckpt=True measures TRL as shipped.
+    None if TRL is not installed."""
     try:
         from trl.experimental.gkd import GKDConfig, GKDTrainer  # TRL >= 1.0 keeps it here
     except ImportError:
@@ -193,9 +195,11 @@ def trl_trainer(student, teacher, tok, prompts, times, lens, between, grad_ckpt=
 
     class Clock(TrainerCallback):  # TRL's step: from the end of between() to its next step's end (data loading included)
         def on_train_begin(self, *a, **k):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             times.append(time.perf_counter() - self.t0)
             between(len(times) - 1)
             self.t0 = time.perf_counter()
@@ -209,10 +213,11 @@ def trl_trainer(student, teacher, tok, prompts, times, lens, between, grad_ckpt=
     pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ds = Dataset.from_list([{"prompt": t, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
                             for t, p in zip(prompts, pids)])
-    cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.new_tokens,
-                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + (iters or args.iters), learning_rate=args.lr,
-                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=False,
-                    gradient_checkpointing=grad_ckpt, use_cpu=True, eval_strategy="no", save_strategy="no",
+    on_cpu = next(student.parameters()).device.type == "cpu"
+    cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=new_tokens or args.new_tokens,
+                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + (iters or args.iters), learning_rate=lr or args.lr,
+                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=bf16,
+                    gradient_checkpointing=grad_ckpt, use_cpu=on_cpu, eval_strategy="no", save_strategy="no",
                     report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
     return Timed(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
 
@@ -269,7 +274,7 @@ def bench_cpu_step():
         trl_s, L_trl = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
         if args.trl_shipped_iters:  # TRL as shipped: alone, after ours (too slow to interleave)
             times2, lens2 = [], []
-            trl_trainer(s_trl2, teacher, tok, prompts, times2, lens2, lambda i: None, True, args.trl_shipped_iters).train()
+            trl_trainer(s_trl2, teacher, tok, prompts, times2, lens2, grad_ckpt=True, iters=args.trl_shipped_iters).train()
             trl2_s, L_trl2 = float(np.median(times2[args.warmup:])), float(np.mean(lens2[args.warmup:]))
     else:
         for i in range(args.warmup + args.iters):
@@ -409,51 +414,23 @@ def bench_gpu():
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    # (2) TRL GKDTrainer on a copy of the student
-    trl_row = None
-    try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-    except ImportError:
-        GKDTrainer = None
-    if GKDTrainer is not None:
-        import tempfile
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        times, lens = [], []
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                sync()
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                sync()
-                times.append(time.perf_counter() - self.t0)
-
-        class Timed(GKDTrainer):
-            def compute_loss(self, model, inputs, **kw):
-                lens.append((inputs["labels"][:, 1:] != -100).sum(1).float().mean().item())
-                return super().compute_loss(model, inputs, **kw)
-        student.to("cpu")  # one student on the GPU at a time: TRL's own copy from the same folder
-        s_trl = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
-        pids = [tok(q, add_special_tokens=False)["input_ids"] for q in prompts]
-        ds = Dataset.from_list([{"prompt": q, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
-                                for q, p in zip(prompts, pids)])
-        cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.gpu_new_tokens,
-                        per_device_train_batch_size=B, max_steps=args.warmup + args.gpu_iters, learning_rate=1e-6,
-                        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-                        bf16=dtype == torch.bfloat16, gradient_checkpointing=False, use_cpu=dev.type != "cuda",
-                        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
+    # (2) TRL GKDTrainer, on its own copy of the student
+    trl_row, times, trl_lens = None, [], []
+    student.to("cpu")  # one student on the GPU at a time: TRL's copy comes from the same folder
+    s_trl = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
+    trainer = trl_trainer(s_trl, teacher, tok, prompts, times, trl_lens, iters=args.gpu_iters, new_tokens=args.gpu_new_tokens,
+                          lr=1e-6, bf16=dtype == torch.bfloat16, sync=sync)
+    if trainer is not None:
         peak_reset()
-        Timed(model=s_trl, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()]).train()
-        trl_s, trl_len = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
+        trainer.train()
+        trl_s, trl_len = float(np.median(times[args.warmup:])), float(np.mean(trl_lens[args.warmup:]))
         trl_row = (f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
                    B * trl_len / trl_s, peak_gb())
-        del s_trl
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        student.to(dev)
+    del trainer, s_trl
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    student.to(dev)
     # (3) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
     engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048, inprocess=True) if use_vllm else None
     backend = "vllm" if use_vllm else "hf"
@@ -492,7 +469,7 @@ def bench_gpu():
     for what, sec, tps, note in table:
         print(f"| {what} | {'' if sec is None else f'{sec:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {note} |")
     print(f"mean completion length: ours {L:.1f}" + (f", TRL {trl_len:.1f}" if trl_row else "") + (f", standalone {alone['len']:.1f}" if alone else ""))
-    if GKDTrainer is None:
+    if trl_row is None:
         print("TRL not installed: `pip install trl` (a benchmark-only dependency) for the GKDTrainer row")
 
 
