@@ -24,6 +24,32 @@ if not (args.run or args.spread):
     common.die("give --run runs/<run> (one report) or --spread RUN RUN ... (the seed table)")
 
 
+def load(path, default=None, root=None):
+    """A run's json output (root: another run than --run), or default when it is missing or partial."""
+    try:
+        with open(os.path.join(root or R, path)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def disjoint(a, b):
+    """Are two 95% bootstrap intervals [lo, hi] disjoint? Otherwise the order of the two is noise."""
+    return a is not None and b is not None and (a[0] > b[1] or b[0] > a[1])
+
+
+def text(path):
+    try:
+        with open(os.path.join(R, path)) as f:
+            return f.read().strip()
+    except OSError:
+        return f"_missing: {path}_"
+
+
+def f3(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
 def spread(runs):
     """One markdown row per headline number: its value in every run, then mean and sample sd."""
     import numpy as np
@@ -33,11 +59,7 @@ def spread(runs):
         rows.setdefault(name, [None] * len(runs))[run_i] = v
     for i, r in enumerate(runs):
         def j(path):
-            try:
-                with open(os.path.join(r, path)) as f:
-                    return json.load(f)
-            except (OSError, json.JSONDecodeError):
-                return None
+            return load(path, root=r)
         w = j("00_toy_world/summary.json") or {"models": {}}
         for m, d in w["models"].items():
             for t in ("toy_math", "toy_qa"):
@@ -60,26 +82,6 @@ def spread(runs):
         got = [v for v in vals if v is not None]
         sd = f"{np.std(got, ddof=1):.3f}" if len(got) > 1 else "-"
         print(f"| {name} | {' | '.join(f3(v) for v in vals)} | {np.mean(got):.3f} | {sd} |")
-
-
-def load(path, default=None):
-    try:
-        with open(os.path.join(R, path)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return default
-
-
-def text(path):
-    try:
-        with open(os.path.join(R, path)) as f:
-            return f.read().strip()
-    except OSError:
-        return f"_missing: {path}_"
-
-
-def f3(x):
-    return "-" if x is None else f"{x:.3f}"
 
 
 if args.spread:
@@ -217,7 +219,7 @@ if gapt:
         a = {m: acc(gapt, m, t) for m in ("student", "rkl", "improve", "misled")}
         if any(v is None for v in a.values()):
             continue
-        dis = lambda x, y: ci(x, t)[0] > ci(y, t)[1] or ci(y, t)[0] > ci(x, t)[1]
+        dis = lambda x, y: disjoint(ci(x, t), ci(y, t))
         out += [f"- {t}: rkl from the original teacher moves the student: {a['student']:.3f} -> {a['rkl']:.3f} "
                 f"({'beyond' if dis('rkl', 'student') else 'within'} the 95% intervals); misled below rkl: {a['misled']:.3f} vs "
                 f"{a['rkl']:.3f} -> {'yes' if a['misled'] < a['rkl'] else 'no'} ({'disjoint' if dis('misled', 'rkl') else 'overlapping'} "
@@ -240,8 +242,7 @@ for t in ttasks:
     improve = a["improve"] > max(a["sft"], a["fkl"], a["rkl"])
     ci = {m: acc(t2, m, t, "acc_ci") for m in a}
 
-    def sep(x, y):  # are the two 95% bootstrap intervals disjoint? (otherwise the order is noise)
-        return ci[x] is not None and ci[y] is not None and (ci[x][0] > ci[y][1] or ci[y][0] > ci[x][1])
+    sep = lambda x, y: disjoint(ci[x], ci[y])
     out += [f"**{t}**", "",
             f"- undistillable teacher keeps its accuracy (within 0.05 of the teacher): {a['undistillable']:.3f} vs {a['teacher']:.3f} -> {'yes' if keep else 'no'}"
             f"{' (95% intervals disjoint)' if sep('undistillable', 'teacher') else ' (95% intervals overlap)'}",
@@ -256,7 +257,7 @@ for t in ttasks:
     ci = {m: acc(t2, m, t, "acc_ci") for m in ("student", "sft", "fkl", "rkl")}
     if any(v is None for v in ci.values()):
         continue
-    moved = [m for m in ("sft", "fkl", "rkl") if ci[m][0] > ci["student"][1] or ci[m][1] < ci["student"][0]]
+    moved = [m for m in ("sft", "fkl", "rkl") if disjoint(ci[m], ci["student"])]
     out.append(f"- precondition, {t}: distillation from the original teacher moves the student beyond its 95% interval "
                f"(student {acc(t2, 'student', t):.3f} [{ci['student'][0]:.3f}, {ci['student'][1]:.3f}]; sft / fkl / rkl "
                f"{' / '.join(f3(acc(t2, m, t)) for m in ('sft', 'fkl', 'rkl'))}): "
