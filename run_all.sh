@@ -93,9 +93,9 @@ done
 
 # ----------------------------------------------------------------------------- 03 students (Table 2)
 D=$R/03_distill
-distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]
+distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
-  stage "03_distill_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
+  stage "${P03:-03_distill}_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
     --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${BIG03[@]}" "${S03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
@@ -161,10 +161,9 @@ if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
   [ "$SMOKE" = 1 ] && GAP=(--student "$GW/student")
   stage 00_gap_student "$GW/summary.json" "$GW" -- $PY 00_toy_world.py --out_dir "$GW" --roles student \
     --student_qa_known 0.5 "${SD[@]}" "${S00[@]}"
-  gap() {  # gap NAME METHOD TEACHER [extra]: like distill, on the gap student and budget
+  gap() {  # gap NAME METHOD TEACHER [extra]: distill on the gap student and budget, into $GD
     local name=$1 method=$2 teacher=$3; shift 3
-    stage "03_gap_$name" "$GD/$name/model/config.json" "$GD/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-      --tasks "$TASKS" "${DATA[@]}" --out_dir "$GD/$name" "${SD[@]}" "${GEN[@]}" "${S03[@]}" "${GAP[@]}" "$@"
+    D=$GD P03=03_gap distill "$name" "$method" "$teacher" "$TASKS" "${GAP[@]}" "$@"
   }
   gap gold sft "$TEACHER" --gold
   gap rkl rkl "$TEACHER"
