@@ -124,6 +124,13 @@ def load_avg():
     return "load avg %.1f / %.1f / %.1f (1/5/15 min)" % os.getloadavg()
 
 
+def char_tokenizer():
+    """The tests' character-level tokenizer (no toy world, no hub needed): 1 character = 1 token."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import char_tokenizer as make
+    return make()
+
+
 def toy_setup():
     """Tokenizer A, student (Llama h128/l2), teacher (h256/l4), prompts. The trained toy world if runs/toy
     has one; else random-weight Llamas with 00_toy_world.py's configs (a step's cost depends on shapes,
@@ -138,8 +145,6 @@ def toy_setup():
     if found:
         tok, data = C.load_tokenizer(found[0]), os.path.join(os.path.dirname(found[0]), "data")
     else:
-        sys.path.insert(0, "tests")
-        from conftest import char_tokenizer
         tok = char_tokenizer()
 
     def llama(h, layers, seed):  # 00_toy_world.py's train_model config, untrained
@@ -339,8 +344,6 @@ def gpu_prompts(tok):
 
 def gpu_standalone(path):
     """Best-case vLLM: its own process, most of the GPU, nothing else loaded. Median seconds per generate call."""
-    sys.path.insert(0, "tests")
-    from conftest import char_tokenizer
     tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048, inprocess=True)
     prompts, ts, lens = gpu_prompts(tok), [], []
     for i in range(args.warmup + args.gpu_iters):
@@ -359,8 +362,6 @@ if args._standalone:
 def bench_gpu():
     import gc
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    sys.path.insert(0, "tests")
-    from conftest import char_tokenizer
     dev = C.get_device("auto")
     real = args.gpu_arch == "qwen3"
     if real and dev.type != "cuda":
