@@ -2,9 +2,11 @@
 Benchmarks, side by side in one run (DESIGN 10). Figures are printed, never asserted.
 
     python bench.py --what memory     # chunked vs naive token divergence at vocab 151,936 (~2 min, CPU)
-    python bench.py --what cpu_step   # on-policy reverse-KL step: ours vs TRL GKDTrainer (needs `pip install trl`)
-    python bench.py --what gpu        # one H100: Qwen3-1.7B/8B-architecture random weights, 512-token completions,
-                                      # ours (colocated vLLM) vs TRL GKDTrainer, vLLM in the loop vs standalone (~10 min)
+    python bench.py --what cpu_step   # on-policy reverse-KL step: ours vs TRL GKDTrainer and DistillationTrainer
+                                      # (needs `pip install trl`; ~1 min)
+    python bench.py --what gpu        # one H100: Qwen3-1.7B/8B-architecture random weights, 512-token completions, ours
+                                      # (colocated vLLM) vs TRL DistillationTrainer (colocated vLLM) and GKDTrainer,
+                                      # vLLM in the loop vs standalone (~10 min)
     python bench.py --what gpu --gpu_arch tiny   # the same code on CPU with tiny Qwen3 configs (hf backend): a dry run
     python bench.py --what all        # everything that applies on this machine
 
@@ -51,6 +53,7 @@ p.add_argument("--gpu_mem_util", type=float, default=0.15, help="gpu: the coloca
 p.add_argument("--gpu_dir", default="runs/bench_gpu", help="gpu: where the random-weight student folder is written")
 p.add_argument("--_mem", default=None, help=argparse.SUPPRESS)  # internal: run one variant
 p.add_argument("--_standalone", default=None, help=argparse.SUPPRESS)  # internal: standalone vLLM timing
+p.add_argument("--_trl_distill", default=None, help=argparse.SUPPRESS)  # internal: TRL DistillationTrainer timing
 args = C.parse_args(p)
 
 
@@ -182,16 +185,26 @@ def ours_step(student, teacher, opt, tok, prompts, vocab, step):
 
 
 def trl_trainer(student, teacher, tok, prompts, times, lens, between=lambda i: None, grad_ckpt=False, iters=None,
-                new_tokens=None, lr=None, bf16=False, sync=lambda: None):
-    """GKDTrainer on the same prompts (a B-row dataset: every step sees the same prompts, as ours does).
+                new_tokens=None, lr=None, bf16=False, sync=lambda: None, kind="gkd", vllm_mem=None):
+    """One of TRL's on-policy distillation trainers on the same prompts (a B-row dataset: every step
+    sees the same prompts, as ours does). kind "gkd": GKDTrainer (lmbda 1, beta 1); "distill":
+    DistillationTrainer (beta 1: always on-policy, chunked loss over the lm_head, vLLM colocate if
+    vllm_mem is given), which TRL 1.16 names as GKDTrainer-with-lmbda-1's successor.
     times / lens collect each step's seconds and trained completion length. between(i) runs after
     TRL's step i, outside its timing: on CPU our measurements interleave with TRL's, so a shared
     machine's changing load hits both sides alike. sync() waits for the GPU before each clock read.
     gradient_checkpointing off by default: GKDConfig (an SFTConfig) ships with it on, which also
-    turns the KV cache off in generation, i.e. not the same work; grad_ckpt=True measures TRL as shipped.
+    turns the KV cache off in its generation, i.e. not the same work; grad_ckpt=True measures a
+    trainer as shipped (DistillationTrainer switches checkpointing off while it generates).
+    GKDTrainer's training loss divides its token sum by the dataset's label count (here one
+    placeholder token per row), not by the generated tokens: a scale (AdamW is invariant to it up
+    to its epsilon) that costs no time; its fixed-batch loss (no count passed) equals ours.
     None if TRL is not installed."""
     try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer  # TRL >= 1.0 keeps it here
+        if kind == "gkd":
+            from trl.experimental.gkd import GKDConfig as Config, GKDTrainer as Trainer  # TRL >= 1.0 keeps it here
+        else:
+            from trl import DistillationConfig as Config, DistillationTrainer as Trainer  # TRL >= 1.16
     except ImportError:
         return None
     import tempfile
@@ -209,22 +222,41 @@ def trl_trainer(student, teacher, tok, prompts, times, lens, between=lambda i: N
             between(len(times) - 1)
             self.t0 = time.perf_counter()
 
-    class Timed(GKDTrainer):  # records the completion length TRL actually trained on
+    class Timed(Trainer):  # records the completion length TRL actually trained on
         def compute_loss(self, model, inputs, **kw):
-            lens.append((inputs["labels"][:, 1:] != -100).sum(1).float().mean().item())
+            n = inputs["labels"][:, 1:] != -100 if kind == "gkd" else inputs["completion_mask"]
+            lens.append(n.sum(1).float().mean().item())
             return super().compute_loss(model, inputs, **kw)
 
-    # pre-tokenized rows (prompt ids + a placeholder eos): the collator's prompts are exactly our prompt ids
-    pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ds = Dataset.from_list([{"prompt": t, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
-                            for t, p in zip(prompts, pids)])
     on_cpu = next(student.parameters()).device.type == "cpu"
-    cfg = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=new_tokens or args.new_tokens,
-                    per_device_train_batch_size=len(prompts), max_steps=args.warmup + (iters or args.iters), learning_rate=lr or args.lr,
-                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=bf16,
-                    gradient_checkpointing=grad_ckpt, use_cpu=on_cpu, eval_strategy="no", save_strategy="no",
-                    report_to="none", logging_steps=10**6, disable_tqdm=True, seed=0)
+    common = dict(output_dir=tempfile.mkdtemp(), beta=1.0, temperature=1.0, per_device_train_batch_size=len(prompts),
+                  max_steps=args.warmup + (iters or args.iters), learning_rate=lr or args.lr, lr_scheduler_type="constant",
+                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=bf16, gradient_checkpointing=grad_ckpt,
+                  use_cpu=on_cpu, eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10**6,
+                  disable_tqdm=True, seed=0)
+    if kind == "gkd":  # pre-tokenized rows (prompt ids + a placeholder eos): the collator's prompts are exactly our prompt ids
+        pids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ds = Dataset.from_list([{"prompt": t, "input_ids": p + [tok.eos_token_id], "completion_mask": [0] * len(p) + [1]}
+                                for t, p in zip(prompts, pids)])
+        cfg = Config(lmbda=1.0, max_new_tokens=new_tokens or args.new_tokens, **common)
+    else:  # text prompts, tokenized by the trainer (the same ids as ours: these tokenizers add no special tokens)
+        ds = Dataset.from_list([{"prompt": t} for t in prompts])
+        vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=vllm_mem, vllm_max_model_length=2048) if vllm_mem else {}
+        cfg = Config(max_completion_length=new_tokens or args.new_tokens, shuffle_dataset=False, **vllm, **common)
     return Timed(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+
+
+def trl_fixed_loss(trainer, kind, model, tok, prompts, comps):
+    """TRL's own loss on one fixed batch of completions, in its own input layout."""
+    if kind == "gkd":
+        ids, am, cm = C.make_batch(tok, prompts, [c["ids"] for c in comps])
+        return trainer.compute_loss(model, {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(cm == 0, -100)}).item()
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    L = max(len(c["ids"]) for c in comps)
+    cids = torch.tensor([c["ids"] + [tok.pad_token_id] * (L - len(c["ids"])) for c in comps])
+    cmask = torch.tensor([[1] * len(c["ids"]) + [0] * (L - len(c["ids"])) for c in comps])
+    return trainer.compute_loss(model, {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
+                                        "completion_ids": cids, "completion_mask": cmask}).item()
 
 
 def bench_cpu_step():
@@ -237,7 +269,7 @@ def bench_cpu_step():
     rows = (C.load_task("toy_math", "train", data=data, n=args.step_batch) if data else  # else fixed short prompts
             [{"prompt": f"Ann has {i + 3} eggs. She buys {i % 4 + 2} more. How many eggs does she have now?"} for i in range(args.step_batch)])
     prompts = [C.build_prompt(tok, "toy_math", r) for r in rows]
-    s_trl, s_trl2, vocab, B = copy.deepcopy(s_ours), copy.deepcopy(s_ours), C.shared_vocab(s_ours, teacher, tok, tok), len(prompts)
+    s_f0, vocab, B = copy.deepcopy(s_ours), C.shared_vocab(s_ours, teacher, tok, tok), len(prompts)  # s_f0: every TRL run starts here
     print(f"## cpu_step: on-policy reverse-KL step, student {C.n_params(s_ours) / 1e6:.2f}M / teacher {C.n_params(teacher) / 1e6:.2f}M "
           f"params, vocab {vocab}, batch {B}, {args.new_tokens} new tokens, T=1, fp32, {torch.get_num_threads()} torch threads; "
           f"median of {args.iters} steps after {args.warmup} warm-up")
@@ -261,59 +293,73 @@ def bench_cpu_step():
                  **enc, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)}
     steps, lens_ours, part_s = [], [], {k: [] for k in parts}
 
-    def one_round(i):  # one of everything of ours, in turn
+    def one_round(i):  # one of everything of ours, in turn; step i < --warmup is not counted
         ph, ln = ours_step(s_ours, teacher, opt, tok, prompts, vocab, i)
-        steps.append(ph), lens_ours.append(ln)
+        if i >= args.warmup:
+            steps.append(ph), lens_ours.append(ln)
         for k, fn in parts.items():
-            part_s[k].append(timed(fn, i))
+            t = timed(fn, i)
+            if i >= args.warmup:
+                part_s[k].append(t)
 
-    times, lens = [], []
-    trainer = trl_trainer(s_trl, teacher, tok, prompts, times, lens, one_round)
+    # TRL's trainers, each on its own copy of the student; each drives its own loop and one round of ours runs
+    # in its step-end callback, so ours and TRL share the machine's load. (name, kind, grad_ckpt, timed steps)
+    variants = [("GKDTrainer, tuned (lmbda 1, beta 1; gradient checkpointing off: KV-cached generation)", "gkd", False, args.iters),
+                ("DistillationTrainer, tuned (beta 1; gradient checkpointing off)", "distill", False, args.iters),
+                ("DistillationTrainer as shipped (checkpointing on while training, off while generating)", "distill", True, args.iters),
+                ("GKDTrainer as shipped (GKDConfig's gradient checkpointing on, which turns the KV cache off)", "gkd", True,
+                 args.trl_shipped_iters)]
+    trl_rows, losses = [], {}
     with torch.no_grad():
         l_ours = C.chunked_token_divergence(s_ours, teacher, ids, am, cm, beta=1.0, chunk=args.chunk, vocab=vocab).mean().item()
-        l_trl = trainer and trainer.compute_loss(s_trl, {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(cm == 0, -100)}).item()
-    lens.clear()
     loads = [load_avg()]
-    if trainer:  # TRL's own training loop; our rounds run in its step-end callback
+    for name, kind, ckpt, iters in variants:
+        if not iters:
+            continue
+        s_trl, times, lens = copy.deepcopy(s_f0), [], []
+        s_ours.load_state_dict(s_f0.state_dict())  # ours restarts beside each TRL run: same start, same number of steps
+        opt = torch.optim.AdamW(s_ours.parameters(), lr=args.lr, weight_decay=0.0)
+        trainer = trl_trainer(s_trl, teacher, tok, prompts, times, lens, one_round, grad_ckpt=ckpt, iters=iters, kind=kind)
+        if trainer is None:
+            break
+        if kind not in losses:
+            with torch.no_grad():
+                losses[kind] = trl_fixed_loss(trainer, kind, s_trl, tok, prompts, comps)
+        lens.clear()
         trainer.train()
-        trl_s, L_trl = float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:]))
-        if args.trl_shipped_iters:  # TRL as shipped: alone, after ours (too slow to interleave)
-            times2, lens2 = [], []
-            trl_trainer(s_trl2, teacher, tok, prompts, times2, lens2, grad_ckpt=True, iters=args.trl_shipped_iters).train()
-            trl2_s, L_trl2 = float(np.median(times2[args.warmup:])), float(np.mean(lens2[args.warmup:]))
-    else:
+        trl_rows.append((name, float(np.median(times[args.warmup:])), float(np.mean(lens[args.warmup:])), iters))
+        del trainer, s_trl
+    if not trl_rows:  # TRL not installed: our rounds alone
         for i in range(args.warmup + args.iters):
             one_round(i)
     loads.append(load_avg())
-    W = args.warmup
-    phases, L = np.array(steps[W:]), float(np.mean(lens_ours[W:]))
-    floor = {k: float(np.median(v[W:])) for k, v in part_s.items()}
+    phases, L = np.array(steps), float(np.mean(lens_ours))
+    floor = {k: float(np.median(v)) for k, v in part_s.items()}
     hf_gen = floor.pop("reference: HF model.generate, same prompts")
 
     step_s, floor_s, gen_s = float(np.median(phases.sum(1))), sum(floor.values()), list(floor.values())[0]
-    table = [("**ours step** (03 rkl: generate, make_batch, chunked RKL, backward, clip, AdamW)", step_s, B * L / step_s, f"{step_s / floor_s:.2f}x floor")]
+    table = [(f"**ours step** (03 rkl: generate, make_batch, chunked RKL, backward, clip, AdamW; median of {len(phases)})", step_s,
+              B * L / step_s, f"{step_s / floor_s:.2f}x floor")]
     table += [(f"&nbsp; ours: {n}", s, None, f"{s / step_s:.0%} of step") for n, s in zip(
         ["generate", "make_batch", "divergence forward (both trunks, chunked heads)", "backward (incl. checkpointed head recompute)",
          "clip + AdamW"], np.median(phases, 0))]
     table += [("**ours floor** (sum of the parts alone)", floor_s, B * L / floor_s, "1.00")]
     table += [(f"&nbsp; floor: {n}", s, None, f"{s / floor_s:.0%} of floor") for n, s in floor.items()]
     table += [("&nbsp; reference: HF model.generate, same prompts", hf_gen, None, f"{hf_gen / gen_s:.2f}x common.generate")]
-    if trainer:
-        table += [("**TRL GKDTrainer step**, tuned (lmbda 1, beta 1, gradient checkpointing off: KV-cached generation)",
-                   trl_s, B * L_trl / trl_s, f"{trl_s / floor_s:.2f}x floor"),
-                  ("**speedup ours vs TRL tuned**", None, None, f"{trl_s / step_s:.2f}x")]
-        if args.trl_shipped_iters:
-            table += [(f"**TRL GKDTrainer step**, as shipped (GKDConfig's gradient checkpointing on; median of {args.trl_shipped_iters})",
-                       trl2_s, B * L_trl2 / trl2_s, f"{trl2_s / floor_s:.2f}x floor"),
-                      ("**speedup ours vs TRL as shipped**", None, None, f"{trl2_s / step_s:.2f}x")]
+    for name, s, Lt, iters in trl_rows:
+        table += [(f"**TRL {name}**, median of {iters}", s, B * Lt / s, f"{s / floor_s:.2f}x floor"),
+                  ("&nbsp; speedup ours vs this: seconds/step, tokens/s", None, None, f"**{s / step_s:.2f}x**, {L / step_s / (Lt / s):.2f}x")]
     print("| what | seconds/step (median) | tokens/s | ratio |\n|---|---:|---:|---:|")
     for what, s, tps, r in table:
         print(f"| {what} | {'' if s is None else f'{s:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {r} |")
-    if not trainer:
-        print("\nTRL not installed: `pip install trl` (a benchmark-only dependency) for the GKDTrainer rows and loss")
+    if not trl_rows:
+        print("\nTRL not installed: `pip install trl` (a benchmark-only dependency) for the TRL rows and losses")
         return
-    print(f"\ntokens/s = completion tokens per second; mean completion length: ours {L:.1f}, TRL {L_trl:.1f} (cap {args.new_tokens})")
-    print(f"fixed-batch loss ({int(cm.sum())} completion tokens): ours {l_ours:.9g}, TRL {l_trl:.9g}, abs diff {abs(l_ours - l_trl):.1e}")
+    print(f"\ntokens/s = completion tokens per second; mean completion length: ours {L:.1f}, TRL "
+          + ", ".join(f"{Lt:.1f}" for _, _, Lt, _ in trl_rows) + f" (cap {args.new_tokens})")
+    print(f"fixed-batch loss ({int(cm.sum())} completion tokens): ours {l_ours:.9g}, "
+          + ", ".join(f"TRL {'GKDTrainer' if k == 'gkd' else 'DistillationTrainer'} {v:.9g} (abs diff {abs(l_ours - v):.1e})"
+                      for k, v in losses.items()))
     print("; ".join(loads))
 
 
@@ -342,6 +388,45 @@ def gpu_prompts(tok):
     return ["".join(rng.choice(letters, args.gpu_prompt_len)) for _ in range(args.gpu_batch)]
 
 
+def gpu_model(role, seed, dtype, tok, dev):
+    """Random weights straight on the device, in their final dtype (an 8B in fp32 on CPU is 32 GB)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=151_936, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None, **(QWEN3 if args.gpu_arch == "qwen3" else TINY)[role])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        m = Qwen3ForCausalLM(cfg)
+    torch.set_default_dtype(old)
+    return m
+
+
+def gpu_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu_trl_distill(path):
+    """TRL's DistillationTrainer in its own process (its colocated vLLM engine and ours would share vLLM's
+    global state in one process): the student from the folder, the same random teacher (same seed)."""
+    from transformers import Qwen3ForCausalLM
+    dev, use_vllm = C.get_device("auto"), C.vllm_available()
+    bf16 = dev.type == "cuda"
+    tok, times, lens = char_tokenizer(), [], []
+    teacher = gpu_model("teacher", 2, torch.bfloat16 if bf16 else torch.float32, tok, dev).eval().requires_grad_(False)
+    student = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
+    trainer = trl_trainer(student, teacher, tok, gpu_prompts(tok), times, lens, iters=args.gpu_iters, new_tokens=args.gpu_new_tokens,
+                          lr=1e-6, bf16=bf16, sync=gpu_sync, kind="distill", vllm_mem=args.gpu_mem_util if use_vllm else None)
+    if trainer is None:
+        return None
+    if bf16:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return {"s": float(np.median(times[args.warmup:])), "len": float(np.mean(lens[args.warmup:])), "vllm": use_vllm,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if bf16 else None}
+
+
 def gpu_standalone(path):
     """Best-case vLLM: its own process, most of the GPU, nothing else loaded. Median seconds per generate call."""
     tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048, inprocess=True)
@@ -357,52 +442,53 @@ def gpu_standalone(path):
 if args._standalone:
     print(json.dumps(gpu_standalone(args._standalone)))
     sys.exit(0)
+if args._trl_distill:
+    print(json.dumps(gpu_trl_distill(args._trl_distill)))
+    sys.exit(0)
+
+
+def sub(flag, path):
+    """Run this script's --_standalone / --_trl_distill in a fresh process; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, __file__, flag, path, "--gpu_arch", args.gpu_arch, "--gpu_batch", str(args.gpu_batch),
+                          "--gpu_prompt_len", str(args.gpu_prompt_len), "--gpu_new_tokens", str(args.gpu_new_tokens),
+                          "--gpu_iters", str(args.gpu_iters), "--warmup", str(args.warmup), "--gpu_mem_util", str(args.gpu_mem_util)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{flag} failed:\n" + out.stderr[-3000:])
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_gpu():
     import gc
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
     dev = C.get_device("auto")
     real = args.gpu_arch == "qwen3"
     if real and dev.type != "cuda":
         C.die("bench.py --what gpu needs CUDA (a device machine); on CPU run --what gpu --gpu_arch tiny for a dry run")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     use_vllm = C.vllm_available()
-    tok, shapes = char_tokenizer(), QWEN3 if real else TINY
-
-    def build(role, seed, dtype):  # random weights straight on the device, in their final dtype (an 8B in fp32 on CPU is 32 GB)
-        torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=151_936, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, bos_token_id=None, **shapes[role])
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        with torch.device(dev):
-            m = Qwen3ForCausalLM(cfg)
-        torch.set_default_dtype(old)
-        return m
-    t0 = time.time()
-    # as 03_distill.py: fp32 master weights for the trained student (bf16 autocast), the teacher in bf16
-    student, teacher = build("student", 1, torch.float32), build("teacher", 2, dtype).eval().requires_grad_(False)
-    path = os.path.join(args.gpu_dir, "student")
-    student.save_pretrained(path)  # vLLM loads from a folder; the teacher never needs one
+    tok, t0 = char_tokenizer(), time.time()
+    # as 03_distill.py: fp32 master weights for the trained student (bf16 autocast), the teacher in bf16. The
+    # student goes to a folder (vLLM and TRL load it from there) and off the GPU while the subprocesses run.
+    student = gpu_model("student", 1, torch.float32, tok, dev)
+    path, n_student = os.path.join(args.gpu_dir, "student"), C.n_params(student)
+    student.save_pretrained(path)
     tok.save_pretrained(path)
-    prompts, B = gpu_prompts(tok), args.gpu_batch
-    print(f"## gpu: student {C.n_params(student) / 1e9:.2f}B / teacher {C.n_params(teacher) / 1e9:.2f}B params ({args.gpu_arch}, random "
-          f"weights; teacher {str(dtype)[6:]}, student fp32 + autocast), vocab 151,936, batch {B}, {args.gpu_prompt_len}-token prompts, {args.gpu_new_tokens} new tokens, "
-          f"T=1; median of {args.gpu_iters} steps after {args.warmup}; built in {time.time() - t0:.0f}s; "
+    del student
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    prompts, B, table = gpu_prompts(tok), args.gpu_batch, []
+    # (1) standalone vLLM and (2) TRL DistillationTrainer, each in a process of its own with the GPU to itself
+    alone = sub("--_standalone", path) if use_vllm else None
+    if alone:
+        table.append(("standalone vLLM generate (own process, 85% of the GPU)", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
+    dist = sub("--_trl_distill", path)
+    teacher = gpu_model("teacher", 2, dtype, tok, dev).eval().requires_grad_(False)
+    print(f"## gpu: student {n_student / 1e9:.2f}B / teacher {C.n_params(teacher) / 1e9:.2f}B params ({args.gpu_arch}, random "
+          f"weights; teacher {str(dtype)[6:]}, student fp32 + autocast), vocab 151,936, batch {B}, {args.gpu_prompt_len}-token prompts, "
+          f"{args.gpu_new_tokens} new tokens, T=1; median of {args.gpu_iters} steps after {args.warmup}; {time.time() - t0:.0f}s to here; "
           f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}")
-    table = []
-    # (1) standalone vLLM
-    alone = None
-    if use_vllm:
-        out = subprocess.run([sys.executable, __file__, "--_standalone", path, "--gpu_batch", str(B), "--gpu_prompt_len",
-                              str(args.gpu_prompt_len), "--gpu_new_tokens", str(args.gpu_new_tokens), "--gpu_iters",
-                              str(args.gpu_iters), "--warmup", str(args.warmup)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print("standalone vLLM failed:\n" + out.stderr[-3000:])
-        else:
-            alone = json.loads(out.stdout.strip().splitlines()[-1])
-            table.append(("standalone vLLM generate (own process, 85% of the GPU)", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
 
     def peak_reset():
         if dev.type == "cuda":
@@ -415,9 +501,12 @@ def bench_gpu():
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    # (2) TRL GKDTrainer, on its own copy of the student
-    trl_row, times, trl_lens = None, [], []
-    student.to("cpu")  # one student on the GPU at a time: TRL's copy comes from the same folder
+    # (3) TRL GKDTrainer, on its own copy of the student
+    trl_rows, times, trl_lens = [], [], []
+    if dist:
+        trl_rows.append((f"**TRL DistillationTrainer step** ({'colocated vLLM at ' + format(args.gpu_mem_util, '.0%') if dist['vllm'] else 'HF generate'}"
+                         f", {str(dtype)[6:]}, own process)", dist["s"], B * dist["len"] / dist["s"],
+                         f"peak {dist['peak_gb']:.1f} GB" if dist["peak_gb"] else "peak: CPU, not measured", dist["len"]))
     s_trl = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
     trainer = trl_trainer(s_trl, teacher, tok, prompts, times, trl_lens, iters=args.gpu_iters, new_tokens=args.gpu_new_tokens,
                           lr=1e-6, bf16=dtype == torch.bfloat16, sync=sync)
@@ -425,14 +514,14 @@ def bench_gpu():
         peak_reset()
         trainer.train()
         trl_s, trl_len = float(np.median(times[args.warmup:])), float(np.mean(trl_lens[args.warmup:]))
-        trl_row = (f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
-                   B * trl_len / trl_s, peak_gb())
+        trl_rows.append((f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
+                         B * trl_len / trl_s, peak_gb(), trl_len))
     del trainer, s_trl
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    student.to(dev)
-    # (3) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
+    student = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
+    # (4) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
     engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048, inprocess=True) if use_vllm else None
     backend = "vllm" if use_vllm else "hf"
     student.train()
@@ -464,14 +553,15 @@ def bench_gpu():
                      f"{alone['gen_s'] / gen_s:.0%} of standalone vLLM speed" if alone else ""))
     table.insert(2, ("&nbsp; ours: divergence + backward + AdamW", train_s, None, ""))
     table.insert(3, ("&nbsp; ours: weight push into the engine", push_s, None, ""))
-    if trl_row:
-        table += [trl_row, ("**speedup ours vs TRL** (tokens/s)", None, None, f"{(B * L / ours_s) / trl_row[2]:.2f}x")]
+    for row in trl_rows:
+        table += [row[:4], ("&nbsp; speedup ours vs this (tokens/s)", None, None, f"**{(B * L / ours_s) / row[2]:.2f}x**")]
     print("| what | seconds (median) | tokens/s | note |\n|---|---:|---:|---|")
     for what, sec, tps, note in table:
         print(f"| {what} | {'' if sec is None else f'{sec:.3f}'} | {'' if tps is None else f'{tps:,.0f}'} | {note} |")
-    print(f"mean completion length: ours {L:.1f}" + (f", TRL {trl_len:.1f}" if trl_row else "") + (f", standalone {alone['len']:.1f}" if alone else ""))
-    if trl_row is None:
-        print("TRL not installed: `pip install trl` (a benchmark-only dependency) for the GKDTrainer row")
+    print(f"mean completion length: ours {L:.1f}" + "".join(f", TRL {r[4]:.1f}" for r in trl_rows)
+          + (f", standalone {alone['len']:.1f}" if alone else ""))
+    if not trl_rows:
+        print("TRL not installed: `pip install trl` (a benchmark-only dependency) for the TRL rows")
 
 
 if args.what in ("memory", "all"):
