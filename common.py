@@ -379,12 +379,14 @@ def extract_answer(task, text):
     if kind == "open":
         return text.strip()
     if kind == "mc":
-        pats = [r"answer is\s*:?\s*\(?([A-P])\)?(?![A-Za-z])", r"####\s*\(?([A-P])\)?", r"\\boxed\{\(?([A-P])\)?\}",
-                r"^\s*\(?([A-P])\)?[.)]?\s*$"]
+        # "answer is" in any case; a letter in parentheses in any case, a bare one only upper case
+        # ("the answer is a dog" names no option)
+        pats = [r"(?i:answer is)\s*:?\s*(?:\(([A-Pa-p])\)|([A-P])(?![A-Za-z]))", r"####\s*\(?([A-P])\)?",
+                r"\\boxed\{\(?([A-P])\)?\}", r"^\s*\(?([A-P])\)?[.)]?\s*$"]
         for p in pats:
             m = re.findall(p, text, flags=re.M)
             if m:
-                return m[-1].upper()
+                return "".join(m[-1]).upper()  # a tuple where the pattern has two groups
         return None
     if "####" in text:  # a committed answer decides, even when it is not a number
         tail = text.rsplit("####", 1)[1].strip()

@@ -53,7 +53,9 @@ def test_extract_answer_values():
     assert C.extract_answer("gsm8k", "#### 2.50") == "2.5"
     assert C.extract_answer("bigmath_l4", "\\boxed{\\dfrac{1}{2}}") == "1/2"
     assert C.extract_answer("gsm8k", "nothing") is None
-    assert C.extract_answer("csqa", "The answer is (c)") is None or C.extract_answer("csqa", "The answer is (c)") == "C"
+    for text in ("The answer is (c)", "Answer is (C)", "The Answer is (C).", "the answer is: C", "answer is (B) ... The answer is (c)"):
+        assert C.extract_answer("csqa", text) == "C", text
+    assert C.extract_answer("csqa", "The answer is a dog") is None  # a bare lower-case letter names no option
     assert C.extract_answer("mmlu_pro", "The answer is (H)") == "H"
 
 
