@@ -105,7 +105,10 @@ if args.method == "sft" and args.lmbda > 0:
 if args.gold and args.method != "sft":
     common.die("--gold trains on reference completions, which is sft; use --method sft --gold")
 if args.method == "sft" and args.topk:
-    common.die("--topk limits the teacher's logits, but sft sees only text; use it with fkl, rkl or jsd")
+    common.die("--topk limits the teacher's logits, but sft sees only text; use it with fkl or jsd (--beta < 1)")
+if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta == 1)):
+    # KL(s||t) puts the student's mass outside the teacher's k tokens against log 0: infinite
+    common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
 cfg = common.write_config(args.out_dir, args)
 
 # ----------------------------------------------------------------------------- seed / device / inputs

@@ -131,6 +131,17 @@ def test_token_methods_across_vocabularies_fail_clearly(tiny_dirs, data, tmp_pat
     assert "shared vocabulary" in r.stderr and "--method sft" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_topk_with_reverse_kl_fails_clearly(tiny_dirs, data, tmp_path):
+    """Reverse KL against a top-k teacher is infinite (log 0 outside the k tokens): refused before any work."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    assert torch.isinf(common.token_divergence(s, t, beta=1.0, teacher_topk=2)).all()
+    assert torch.isfinite(common.token_divergence(s, t, beta=0.5, teacher_topk=2)).all()
+    for extra in (["--method", "rkl"], ["--method", "jsd", "--beta", "1"]):
+        r = run(tiny_dirs, data, tmp_path / "x", *extra, "--topk", "5", check=False)
+        assert r.returncode == 2 and "--topk with reverse KL" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_rkl_reduces_reverse_kl_to_teacher(tiny_dirs, data, tmp_path):
     """A few on-policy RKL steps lower the token reverse KL(s||t) on a fixed set of sequences."""
     out = tmp_path / "rkl"
