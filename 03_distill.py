@@ -163,6 +163,7 @@ def teacher_pool():
         return [{"i": i, "text": x["row"]["completion"], "ids": None, "finished": True} for i, x in enumerate(train)]
     path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
     key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
+    key.update(teacher_stamp=common.model_stamp(args.teacher), backend=backend)  # a retrained teacher samples anew
     if os.path.exists(path):
         with open(path) as f:
             cache = json.load(f)

@@ -16,9 +16,11 @@ Evaluation (paper section 6: Tables 2, 3, 6, 7). For each model and task: k samp
   numbers were obtained.
 
 Every completion goes to samples/<model>__<task>.jsonl (prompt index, prompt text, completion,
-extracted answer, grade, finished, n tokens, rm_raw) which 05_failure_modes.py reads. A sample file
-that already holds P*k rows for the same prompts is reused (the model is not even loaded) unless
---redo; rerunning with new --labels only rebuilds the tables.
+extracted answer, grade, finished, n tokens, rm_raw) which 05_failure_modes.py reads, and beside it
+a .meta.json (model path, a stamp of its weight files, sampling settings). A sample file is reused
+(the model is not even loaded) when its meta matches and it holds P*k rows for the same prompts,
+unless --redo: rerunning with new --labels only rebuilds the tables, while a model retrained at the
+same path is sampled anew.
 
     python 04_eval.py --data runs/toy/00_toy_world/data --out_dir runs/toy/04_eval \
         --models teacher=runs/toy/00_toy_world/teacher,student=runs/toy/00_toy_world/student,misled=runs/toy/03_distill/rkl_undistill/model \
@@ -40,7 +42,7 @@ completions are <= 134 tokens (99% <= 104).
 Departures: the paper uses n = k = 16 samples for pass@16; we do too (pass@k needs n >= k, and
 n = k makes it the plain "any correct"). Models are evaluated one at a time to bound memory.
 """
-import argparse, gc, math, os, re, sys, time
+import argparse, gc, json, math, os, re, sys, time
 
 import numpy as np
 import torch
@@ -115,10 +117,22 @@ def sample_path(name, task):
     return os.path.join(sample_dir, f"{name}__{task}.jsonl")
 
 
+def sample_meta(name, task):
+    """What made a sample file: the model (and its weights' stamp) and the sampling settings."""
+    return {"model": models[name], "stamp": common.model_stamp(models[name]), "task": task, "split": args.split,
+            "k": args.k, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+            "backend": backend, "reward_model": args.reward_model if task in open_tasks else None}
+
+
 def reusable(name, task):
-    """Samples on disk count if they hold exactly P*k rows for the same prompt questions."""
+    """Samples on disk count if the same model weights made them with the same settings (samples/
+    *.meta.json) and they hold exactly P*k rows for the same prompt questions."""
     path = sample_path(name, task)
     if args.redo or not os.path.exists(path):
+        return None
+    meta = path[:-len(".jsonl")] + ".meta.json"
+    if not os.path.exists(meta) or json.load(open(meta)) != sample_meta(name, task):
+        print(f"note: {path} was made by other weights or settings; resampling")
         return None
     s = common.read_jsonl(path)
     qs = [common.format_question(task, r) for r in rows[task]]
@@ -183,6 +197,7 @@ for name, path in models.items():
                       "correct": common.grade(task, o["text"], r), "finished": o["finished"], "n_tokens": len(o["ids"]),
                       "rm_raw": None})
         common.write_jsonl(sample_path(name, task), s)
+        common.atomic_write_json(sample_path(name, task)[:-len(".jsonl")] + ".meta.json", sample_meta(name, task))
         samples[(name, task)] = s
         n_tok = sum(x["n_tokens"] for x in s)
         gen_secs, gen_tokens = gen_secs + secs, gen_tokens + n_tok

@@ -211,6 +211,17 @@ def load_model(name_or_path, device="auto", dtype=None, trainable=False):
     return model
 
 
+def model_stamp(name_or_path):
+    """What identifies a model's weights for caches of its samples: a local folder's weight files
+    by name, size and modification time (a model retrained at the same path gets a new stamp);
+    a hub id is its own stamp."""
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    files = sorted(f for f in os.listdir(name_or_path) if f.endswith((".safetensors", ".bin", ".pt")))
+    stats = [(f, os.stat(os.path.join(name_or_path, f))) for f in files]
+    return ";".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in stats) or os.path.abspath(name_or_path)
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

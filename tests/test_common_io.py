@@ -226,3 +226,17 @@ def test_atomic_save_dir_keeps_the_old_folder_until_the_new_one_is_whole(tmp_pat
     C.atomic_save_dir(path, writer("three"))
     assert open(os.path.join(path, "w.txt")).read() == "three"
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no .tmp / .old left behind
+
+
+def test_model_stamp_changes_with_the_weights(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 10)
+    a = C.model_stamp(str(d))
+    assert a == C.model_stamp(str(d)) and "model.safetensors:10:" in a
+    os.utime(d / "config.json", ns=(1, 10**18))  # not a weight file: no effect
+    assert C.model_stamp(str(d)) == a
+    (d / "model.safetensors").write_bytes(b"y" * 11)  # rewritten weights
+    assert C.model_stamp(str(d)) != a
+    assert C.model_stamp("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"

@@ -214,6 +214,22 @@ def test_gold_sft_trains_on_reference_completions(tiny_dirs, data, tmp_path):
     assert metrics(out)[0]["loss"] == pytest.approx(nll / n, rel=1e-4)
 
 
+def test_teacher_sample_cache_follows_the_teacher_weights(tiny_dirs, data, tmp_path):
+    """A shared --samples_file is reused while the teacher is the same; the same path holding retrained
+    weights (a new stamp) samples anew."""
+    f = str(tmp_path / "pool.json")
+    made = lambda r: "teacher samples:" in r.stdout
+    assert made(run(tiny_dirs, data, tmp_path / "a", "--method", "sft", "--samples_file", f))
+    assert not made(run(tiny_dirs, data, tmp_path / "b", "--method", "sft", "--samples_file", f))
+    w = tiny_dirs / "teacher" / "model.safetensors"
+    st = os.stat(w)
+    try:
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert made(run(tiny_dirs, data, tmp_path / "c", "--method", "sft", "--samples_file", f))
+    finally:
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.parametrize("method", ["rkl", "sft"])
 def test_micro_batches_and_checkpointing_give_the_full_batch_step(tiny_dirs, data, tmp_path, method):
     """--micro_batch 5 (12 sequences: 5 + 5 + 2, unequal token counts) with --grad_ckpt takes the same step as

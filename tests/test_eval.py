@@ -46,12 +46,20 @@ def fixture_samples(rows, answers, task):
     return out
 
 
+def write_fixture(out, name, path, answers, k=4):
+    """A sample file and the meta 04_eval.py would have written with it (default settings, hf backend)."""
+    write_jsonl(out / "samples" / f"{name}__toy_math.jsonl", fixture_samples(MATH_ROWS, answers, "toy_math"))
+    meta = {"model": path, "stamp": path, "task": "toy_math", "split": "test", "k": k, "temperature": 1.0,
+            "max_new_tokens": 128, "seed": 0, "backend": "hf", "reward_model": None}
+    json.dump(meta, open(out / "samples" / f"{name}__toy_math.meta.json", "w"))
+
+
 def test_metrics_and_markdown_from_samples(tmp_path):
     data, out = tmp_path / "data", tmp_path / "eval"
     write_jsonl(data / "toy_math" / "test.jsonl", MATH_ROWS)
-    write_jsonl(out / "samples" / "mis__toy_math.jsonl", fixture_samples(MATH_ROWS, MATH_ANS, "toy_math"))
-    write_jsonl(out / "samples" / "stu__toy_math.jsonl", fixture_samples(MATH_ROWS, [["5"] * 4, ["3"] * 4, ["9"] * 4], "toy_math"))
-    write_jsonl(out / "samples" / "tea__toy_math.jsonl", fixture_samples(MATH_ROWS, [["1"] * 4, ["3"] * 4, ["9"] * 4], "toy_math"))
+    write_fixture(out, "mis", "/nonexistent/a", MATH_ANS)
+    write_fixture(out, "stu", "/nonexistent/b", [["5"] * 4, ["3"] * 4, ["9"] * 4])
+    write_fixture(out, "tea", "/nonexistent/c", [["1"] * 4, ["3"] * 4, ["9"] * 4])
     # model paths do not exist: everything comes from samples/, so a load would fail the run
     r = run("--models", "mis=/nonexistent/a,stu=/nonexistent/b,tea=/nonexistent/c", "--tasks", "toy_math", "--data", data,
             "--n_prompts", 3, "--k", 4, "--out_dir", out, "--labels", "mis=S:Misled,stu=S:Student,tea=T:Teacher")
@@ -126,5 +134,18 @@ def test_smoke_run_with_reward_model(tmp_path, tiny_dirs):
     before = open(out / "samples" / "s__dolly.jsonl").read()
     r = run(*args)
     assert r.stdout.count("reusing") == 2 and open(out / "samples" / "s__dolly.jsonl").read() == before
+    # other settings, or the same path holding retrained weights (a new stamp), are never served old samples
+    r = run(*args[:-2], "--temperature", 0.7, "--out_dir", out)
+    assert r.stdout.count("other weights or settings; resampling") == 4 and "reusing" not in r.stdout
+    r = run(*args[:-2], "--temperature", 0.7, "--out_dir", out)
+    assert r.stdout.count("reusing") == 2
+    w = tiny_dirs / "student" / "model.safetensors"
+    st = os.stat(w)
+    try:
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # what a retrain at the same path looks like
+        r = run(*args[:-2], "--temperature", 0.7, "--out_dir", out)
+        assert r.stdout.count("other weights or settings; resampling") == 2 and "t: reusing" in r.stdout
+    finally:
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = run("--models", "bad name=/x", "--data", data, "--out_dir", tmp_path / "e2", ok=False)
     assert r.returncode == 2 and "name=path" in r.stderr
