@@ -241,7 +241,6 @@ for ti, task in enumerate(args.tasks):
     common.append_jsonl(metrics_path, m)
 
 # ----------------------------------------------------------------------------- write outputs
-common.atomic_write_json(os.path.join(args.out_dir, "table1.json"), rows)
 common.write_jsonl(os.path.join(args.out_dir, "rollouts.jsonl"), rollout_rows)
 
 LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
@@ -307,5 +306,6 @@ fig.tight_layout()
 tmp = os.path.join(args.out_dir, f"tail_noise.tmp{os.getpid()}.png")
 fig.savefig(tmp, dpi=110)
 os.replace(tmp, os.path.join(args.out_dir, "tail_noise.png"))
+common.atomic_write_json(os.path.join(args.out_dir, "table1.json"), rows)  # last: run_all.sh's "stage done" file
 print("\n".join(md))
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {args.out_dir}")

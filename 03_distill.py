@@ -351,7 +351,7 @@ for step in range(start + 1, args.steps + 1):
 # ----------------------------------------------------------------------------- outputs
 last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) and os.path.getsize(metrics_path) else {}
 acc1, per1 = (last["acc"], last["acc_tasks"]) if last.get("step") == args.steps and "acc" in last else evaluate()
-save_model()
 summary.update({"steps": args.steps, "acc_after": per1, "acc_after_mean": acc1, "wall_s": time.time() - t_start})
 common.atomic_write_json(summary_path, summary)
+save_model()  # last: model/config.json is run_all.sh's "stage done" file
 print(f"done: acc {summary['acc_before_mean']} -> {acc1} {per1} | {common.fmt_secs(summary['wall_s'])} | {args.out_dir}/model", flush=True)

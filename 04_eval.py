@@ -299,9 +299,9 @@ def render(table, tasks):
     return "".join(out)
 
 
-common.atomic_write_json(os.path.join(args.out_dir, f"{args.table}.json"), table)
 md = render(table, args.tasks)
 common.atomic_write_text(os.path.join(args.out_dir, f"{args.table}.md"), md)
+common.atomic_write_json(os.path.join(args.out_dir, f"{args.table}.json"), table)  # last: run_all.sh's "stage done" file
 print(md)
 if gen_secs:
     print(f"sampling: {gen_tokens} tokens in {gen_secs:.1f}s ({gen_tokens / gen_secs:.0f} tokens/s)")

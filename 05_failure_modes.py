@@ -39,7 +39,7 @@ fixed rules and the judge (--judge, any local chat model, prompt below) is optio
 default: it only labels focus-set completions and its counts are reported beside the rules'.
 The prompt rows come from the sample files themselves (04 stores each row), so there is no --data.
 """
-import argparse, os, re, sys, time
+import argparse, os, sys, time
 
 import numpy as np
 import torch
@@ -231,7 +231,6 @@ if args.judge:
 out = {"models": result, "prefix_continuation": prefix, "focus_definition":
        f"prompts that {args.base} solved by majority vote and the model fails by majority vote", "judge": judge,
        "tasks": args.tasks, "base": args.base, "misled": args.misled}
-common.atomic_write_json(os.path.join(args.out_dir, "failure_modes.json"), out)
 
 
 def pct(v):
@@ -308,6 +307,9 @@ ax.set_ylabel("fraction (all prompts)")
 ax.set_title("failure modes per model (paper 6.5)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(os.path.join(args.out_dir, "failure_modes.png"), dpi=120)
+tmp = os.path.join(args.out_dir, f"failure_modes.tmp{os.getpid()}.png")
+fig.savefig(tmp, dpi=120)
+os.replace(tmp, os.path.join(args.out_dir, "failure_modes.png"))
+common.atomic_write_json(os.path.join(args.out_dir, "failure_modes.json"), out)  # last: run_all.sh's "stage done" file
 print("".join(md))
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {args.out_dir}")
