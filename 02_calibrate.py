@@ -32,7 +32,7 @@ KL change is length (the sequence KL sums over tokens); --cal_length_norm uses p
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
 --teacher by 01/03/04), ckpt/ (adapter, optimizer, step, RNG, data cursor; a rerun with the same
-out_dir resumes from it), summary.json (lam, greedy held-out accuracy per task and the on-policy
+out_dir and settings resumes from it, other settings are refused), summary.json (lam, greedy held-out accuracy per task and the on-policy
 sequence KL(theta||target) of the original and the calibrated teacher).
 
 Departures from the paper and why:
@@ -100,6 +100,8 @@ if isinstance(args.tasks, str):
     args.tasks = common.csv_list(args.tasks)
 if isinstance(args.lora_targets, str):
     args.lora_targets = common.csv_list(args.lora_targets)
+if any(os.path.exists(os.path.join(args.out_dir, d, "state.pt")) for d in ("ckpt", "ckpt.old")):
+    common.check_resume(args.out_dir, args)  # a resume must be the same run
 common.write_config(args.out_dir, args)
 
 # -----------------------------------------------------------------------------
@@ -243,7 +245,7 @@ if ck:
 elif os.path.exists(metrics_path):
     os.remove(metrics_path)  # a run that died before its first checkpoint starts over
 before_path = os.path.join(args.out_dir, "eval_before.json")
-if os.path.exists(before_path):
+if ck and os.path.exists(before_path):  # resuming (same settings, checked above)
     before = common.read_jsonl(before_path)[0]
 else:  # the original teacher (LoRA off), once; kept on disk so a resumed run reports the same numbers
     before = evaluate(0, "original", use_lora=False)

@@ -20,7 +20,7 @@ Writes out_dir/config.json (first), teacher_samples.json (cached and reused on r
 fkl runs at one file with --samples_file so the teacher samples once), metrics.jsonl
 (one row per step: step, loss, kl, len, acc every eval_every, seconds, eta), ckpt/state.pt
 (trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; atomic, resumed
-automatically), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
+automatically by a rerun with the same settings, other settings are refused), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
 summary.json (greedy held-out accuracy per task before and after, wall time).
 Expected on the toy world (defaults: 60 steps x 32 sequences, lr 1e-3, 64 train prompts per task;
 seed 0, 2 CPU cores to itself, measured 2026-11-23), greedy held-out accuracy toy_math / toy_qa of
@@ -109,6 +109,8 @@ if args.method == "sft" and args.topk:
 if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta == 1)):
     # KL(s||t) puts the student's mass outside the teacher's k tokens against log 0: infinite
     common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
+if os.path.exists(os.path.join(args.out_dir, "ckpt", "state.pt")):
+    common.check_resume(args.out_dir, args)  # a resume must be the same run
 cfg = common.write_config(args.out_dir, args)
 
 # ----------------------------------------------------------------------------- seed / device / inputs

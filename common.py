@@ -108,6 +108,26 @@ def write_config(out_dir, args):
     return cfg
 
 
+RESUME_FREE = ("out_dir", "steps", "eval_every", "save_every", "stop_after", "threads", "device", "chunk", "micro_batch", "grad_ckpt")
+
+
+def check_resume(out_dir, args, free=RESUME_FREE):
+    """A rerun into an out_dir that holds a checkpoint resumes it, so it must be the same run: every
+    setting except the `free` ones (length, logging, machine, memory-only switches) must equal the
+    config.json the checkpoint was trained with. Call before write_config, which replaces that file.
+    Keys the old config lacks (flags added later) are not compared."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(vars(args), default=_json_default))  # tuples -> lists, as on disk
+    diff = [f"--{k} {old[k]} (now {new[k]})" for k in sorted(new) if k in old and k not in free and old[k] != new[k]]
+    if diff:
+        die(f"{out_dir} holds a checkpoint trained with " + ", ".join(diff) + "; rerun with those settings to resume, "
+            f"or use another --out_dir (or delete {out_dir}/ckpt to start this one over)")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -168,6 +168,11 @@ def test_resume_continues_with_the_same_losses(tiny_dirs, data, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_dirs, data, full, *base, "--steps", "4")
     run(tiny_dirs, data, part, *base, "--steps", "2")
+    cfg = open(part / "config.json").read()
+    # another run's settings into the same out_dir: refused, the checkpoint and its config.json untouched
+    r = run(tiny_dirs, data, part, *base, "--steps", "4", "--lr", "1e-3", check=False)
+    assert r.returncode == 2 and "--lr 0.01 (now 0.001)" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert open(part / "config.json").read() == cfg
     r = run(tiny_dirs, data, part, *base, "--steps", "4")
     assert "resumed" in r.stdout
     a, b = metrics(full), metrics(part)
