@@ -7,6 +7,7 @@ Shape suffixes in comments: B batch, T time (tokens), V vocabulary, N flattened 
 G group size, P prompts.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -652,12 +653,31 @@ def make_batch(tokenizer, prompt_texts, completion_ids, device="cpu"):
     return ids, am, cm
 
 
+@functools.lru_cache(maxsize=16)
+def turn_end_id(tokenizer):
+    """The token that ends an assistant answer for this tokenizer: the special token its chat
+    template puts right after the assistant's text (Qwen3 <|im_end|>, Gemma-3 <end_of_turn>, whose
+    tokenizer.eos_token is <eos>, a token the -it models do not end turns with), else eos."""
+    marker = "Zq7Zq7"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # no chat template (a base model), or one that rejects this conversation
+        text = ""
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if ids and tokenizer.decode(ids[:1], skip_special_tokens=True) == "":  # a special token, not "\n" etc.
+        return ids[0]
+    return tokenizer.eos_token_id
+
+
 def make_text_batch(tokenizer, prompt_texts, completion_texts, eos=True, device="cpu"):
     """Cross-tokenizer scoring: each model tokenizes the same prompt and completion text its own
-    way (paper Eq. 11). The completion gets the model's eos when the sample ended with one."""
+    way (paper Eq. 11). A completion that ended (the sampler's eos or end of turn) gets this
+    tokenizer's own end of turn (turn_end_id), so every model is charged for ending the way it would."""
     eos = [eos] * len(prompt_texts) if isinstance(eos, bool) else eos
-    comp = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if e else [])
-            for t, e in zip(completion_texts, eos)]
+    end = turn_end_id(tokenizer)
+    comp = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([end] if e else []) for t, e in zip(completion_texts, eos)]
     return make_batch(tokenizer, prompt_texts, comp, device)
 
 

@@ -186,7 +186,27 @@ def test_make_text_batch_cross_tokenizer(tok):
     ids_a, _, cm_a = C.make_text_batch(tok, ["<|user|>q\n<|assistant|>"], ["abc"], eos=True)
     ids_b, _, cm_b = C.make_text_batch(tb, ["<|user|>q\n<|assistant|>"], ["abc"], eos=False)
     assert int(cm_a.sum()) == 4 and int(cm_b.sum()) == 3
-    assert ids_a[0, -1].item() == tok.eos_token_id
+    assert ids_a[0, -1].item() == tok.eos_token_id  # this template puts "\n" (no special token) after an answer
+
+
+def test_turn_end_is_what_the_chat_template_ends_an_answer_with():
+    """Gemma-3-it: eos_token is <eos> but answers end with <end_of_turn>; Qwen3: <|im_end|> (= its eos)."""
+    from tests.conftest import char_tokenizer
+    g = char_tokenizer()
+    g.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    g.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                       "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    end = g.convert_tokens_to_ids("<end_of_turn>")
+    assert C.turn_end_id(g) == end != g.eos_token_id
+    ids, _, cm = C.make_text_batch(g, ["<start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\n"], ["abc"], eos=True)
+    assert ids[0, -1].item() == end and int(cm.sum()) == 4
+    q = char_tokenizer()
+    q.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    q.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    assert C.turn_end_id(q) == q.convert_tokens_to_ids("<|im_end|>")
+    q.chat_template = None  # a base model: eos
+    C.turn_end_id.cache_clear()
+    assert C.turn_end_id(q) == q.eos_token_id
 
 
 def test_finished_rows_leave_the_batch_without_mixing_rows(tok):
