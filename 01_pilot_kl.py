@@ -45,7 +45,7 @@ Departures and readings:
   tail_spearman_signed gives rho on the signed contribution for comparison.
 - Paper reports KL averaged over tasks of a family; we report one column per task.
 """
-import argparse, math, os, sys, time
+import argparse, gc, math, os, sys, time
 
 import numpy as np
 import torch
@@ -97,9 +97,6 @@ try:  # token-level KL needs a shared vocabulary; otherwise sequence-level rows 
 except ValueError as e:
     vocab, note = None, f"token-level KL undefined across tokenizers: {e}"
     print(f"note: {note}")
-engines = {}
-if backend == "vllm":
-    engines = {"student": common.make_vllm_engine(args.student, args.seed), "teacher": common.make_vllm_engine(args.teacher, args.seed)}
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 if os.path.exists(metrics_path):
     os.remove(metrics_path)  # a rerun replaces the run, it does not append to it
@@ -159,10 +156,6 @@ def score(samples, prompts_s, prompts_t, sampler, tail=None):
     return out, {k: torch.cat(v).double().numpy() for k, v in pooled.items()}
 
 
-def rollout(model_name, model, tok, prompts, seed):
-    return common.generate(model, tok, prompts, n=args.n_samples, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=seed, batch_size=args.batch_size, backend=backend,
-                           engine=engines.get(model_name), show=f"sample {model_name}")
 
 
 def fnum(x, nd=3):
@@ -171,20 +164,32 @@ def fnum(x, nd=3):
     return f"{x:.2e}" if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3) else f"{x:.{nd}f}"
 
 
-# ----------------------------------------------------------------------------- loop over tasks
+# ----------------------------------------------------------------------------- rollouts: one model at a time
+# Every task's rollouts first, one model's vLLM engine alive at a time: two engines beside both HF
+# models would not fit one 80 GB GPU for an 8B teacher. Each (task, model) gets its own sampling seed,
+# so no two sample sets share random numbers and the order of sampling changes nothing.
+datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
+prompts = {(t, m): [common.build_prompt(tk, t, r) for r in datas[t]] for t in args.tasks for m, tk in (("s", tok_s), ("t", tok_t))}
+gens, gen_secs = {}, {t: 0.0 for t in args.tasks}
+for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.student), ("teacher", teacher, tok_t, args.teacher))):
+    engine = common.make_vllm_engine(path, args.seed) if backend == "vllm" else None
+    for ti, task in enumerate(args.tasks):
+        t0 = time.time()
+        gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature, seed=args.seed * 1000 + 2 * ti + m,
+                                           batch_size=args.batch_size, backend=backend, engine=engine, show=f"sample {name} {task}")
+        for x in gens[task, name]:
+            x["correct"] = common.grade(task, x["text"], datas[task][x["i"]])
+        gen_secs[task] += time.time() - t0
+    del engine
+    gc.collect()  # the engine's GPU memory goes back before the next model's engine starts
+
+# ----------------------------------------------------------------------------- loop over tasks: scoring
 rows, rollout_rows, tails = [], [], {}
-for ti, task in enumerate(args.tasks):
+for task in args.tasks:
     t0 = time.time()
-    data = common.load_task(task, args.split, data=args.data, n=args.n_prompts, seed=args.seed)
-    prompts_s = [common.build_prompt(tok_s, task, r) for r in data]
-    prompts_t = [common.build_prompt(tok_t, task, r) for r in data]
-    # each (task, model) gets its own sampling seed so no two sample sets share random numbers
-    gen_s = rollout("student", student, tok_s, prompts_s, args.seed * 1000 + 2 * ti)
-    gen_t = rollout("teacher", teacher, tok_t, prompts_t, args.seed * 1000 + 2 * ti + 1)
-    for g in (gen_s, gen_t):
-        for x in g:
-            x["correct"] = common.grade(task, x["text"], data[x["i"]])
-    t_gen = time.time() - t0
+    data, prompts_s, prompts_t = datas[task], prompts[task, "s"], prompts[task, "t"]
+    gen_s, gen_t, t_gen = gens[task, "student"], gens[task, "teacher"], gen_secs[task]
 
     tail = {} if vocab is not None else None
     sc_s, tok_on = score(gen_s, prompts_s, prompts_t, "student", tail)  # on-policy for RKL
@@ -236,7 +241,7 @@ for ti, task in enumerate(args.tasks):
     m = {"task": task, "acc_s": row["acc_student"], "acc_t": row["acc_teacher"], "tok_rkl": row["onpolicy_token_rkl"],
          "tok_fkl": row["onpolicy_token_fkl"], "seq_rkl": row["onpolicy_seq_rkl"], "wtp": wtp,
          "is": off["is_mean"], "k3": off["k3_mean"], "fork": row["forking_share"], "rho_all": (row["tail_spearman"] or {}).get("all"),
-         "gen_s": f"{t_gen:.1f}", "time_s": f"{time.time() - t0:.1f}"}
+         "gen_s": f"{t_gen:.1f}", "time_s": f"{t_gen + time.time() - t0:.1f}"}
     print(" | ".join(f"{k} {fnum(v) if isinstance(v, float) else v}" for k, v in m.items()), flush=True)
     common.append_jsonl(metrics_path, m)
 
