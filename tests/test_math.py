@@ -99,6 +99,33 @@ def test_chunked_divergence_at_qwen_vocab_size():
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_soft_capped_heads_match_the_model_forward(tok):
+    """Gemma-style final logit soft-capping (cap * tanh(logits / cap)): our chunked heads against
+    the HF model's own logits, for the divergence and for completion log-probs. A small cap so the
+    capping matters (with none, the values differ by far more than the tolerance)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16, max_position_embeddings=128, final_logit_softcapping=1.5,
+               attn_logit_softcapping=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    s, t = Gemma2ForCausalLM(Gemma2Config(**cfg)).eval(), Gemma2ForCausalLM(Gemma2Config(**cfg)).eval()
+    for m in (s, t):  # random init is small: scale the head so raw logits exceed the cap
+        m.get_output_embeddings().weight.data.mul_(40.0)
+    ids, am, cm = _pair_batch(tok, s, t)
+    with torch.no_grad():
+        full = s(input_ids=ids, attention_mask=am).logits
+        assert full.abs().max() <= 1.5 + 1e-5  # HF applies the cap
+        a = C.chunked_token_divergence(s, t, ids, am, cm, 1.0, chunk=5)
+        b = C.naive_token_divergence(s, t, ids, am, cm, 1.0)
+        lp = C.completion_logprobs(s, ids, am, cm, chunk=5)
+        want = torch.log_softmax(full.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(lp[:, 1:][cm[:, 1:].bool()], want[cm[:, 1:].bool()], atol=1e-5)
+    s.config.final_logit_softcapping = None  # our heads without the cap no longer match HF's capped logits
+    with torch.no_grad():
+        assert not torch.allclose(C.chunked_token_divergence(s, t, ids, am, cm, 1.0, chunk=5), b, rtol=1e-2)
+
+
 def test_padded_vocab_rows_are_sliced_and_different_vocabs_rejected(tok):
     from tests.conftest import tiny_llama, char_tokenizer
     s = tiny_llama(len(tok), seed=1, tok=tok)
