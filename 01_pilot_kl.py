@@ -172,7 +172,10 @@ datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, se
 prompts = {(t, m): [common.build_prompt(tk, t, r) for r in datas[t]] for t in args.tasks for m, tk in (("s", tok_s), ("t", tok_t))}
 gens, gen_secs = {}, {t: 0.0 for t in args.tasks}
 for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.student), ("teacher", teacher, tok_t, args.teacher))):
-    engine = common.make_vllm_engine(path, args.seed) if backend == "vllm" else None
+    engine = None
+    if backend == "vllm":
+        mine = [p for t in args.tasks for p in prompts[t, name[0]]]
+        engine = common.make_vllm_engine(path, args.seed, common.vllm_max_len(tok, mine, args.max_new_tokens))
     for ti, task in enumerate(args.tasks):
         t0 = time.time()
         gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=args.max_new_tokens,

@@ -157,7 +157,9 @@ def next_prompts(cursor, n):
 engine, lora_dir = None, os.path.join(args.out_dir, "vllm_lora")
 if backend == "vllm":  # colocated engine, created once; the LoRA travels per step as a LoRARequest
     from vllm.lora.request import LoRARequest
-    engine = common.make_vllm_engine(args.teacher, seed=args.seed, enable_lora=True, max_lora_rank=args.lora_r)
+    every = [common.build_prompt(tok, t, r) for t, r in pool] + [common.build_prompt(tok, t, r) for t in held for r in held[t]]
+    engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens),
+                                     enable_lora=True, max_lora_rank=args.lora_r)
 
 
 def lora_request(step):

@@ -48,6 +48,7 @@ engine for on-policy samples, weights pushed after every optimizer step, no rebu
 for real but untested here: this project's CI machine has no GPU.
 """
 import argparse
+import gc
 import json
 import os
 import random
@@ -173,10 +174,12 @@ def teacher_pool():
             return cache["samples"]
     t0 = time.time()
     if backend == "vllm":  # a short-lived teacher engine, gone before the student's engine starts
-        eng = common.make_vllm_engine(args.teacher, seed=args.seed)
-        outs = common.generate(None, ttok, [x["tp"] for x in train], n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
+        tps = [x["tp"] for x in train]
+        eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, args.max_new_tokens))
+        outs = common.generate(None, ttok, tps, n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
         del eng
+        gc.collect()  # vLLM shuts its engine process down when the object is collected
         torch.cuda.empty_cache()
     else:
         outs = common.generate(teacher, ttok, [x["tp"] for x in train], n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
@@ -281,7 +284,10 @@ elif os.path.exists(metrics_path):
 pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
-    engine = common.make_vllm_engine(args.student, seed=args.seed, inprocess=True)
+    rng = common.rng_state()  # an in-process engine reseeds this process's RNGs; a resumed run keeps its own
+    engine = common.make_vllm_engine(args.student, seed=args.seed, inprocess=True,
+                                     max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
+    common.set_rng_state(rng)
     if start:
         common.vllm_sync_weights(engine, hf_weights_view())
 

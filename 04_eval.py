@@ -178,7 +178,8 @@ for name, path in models.items():
     tok = common.load_tokenizer(path)
     engine = model = None
     if backend == "vllm":
-        engine = common.make_vllm_engine(path, seed=args.seed)
+        every = [common.build_prompt(tok, t, r) for t in todo for r in rows[t]]
+        engine = common.make_vllm_engine(path, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens))
     else:
         model = common.load_model(path, device=device)
     for task in todo:

@@ -39,7 +39,7 @@ fixed rules and the judge (--judge, any local chat model, prompt below) is optio
 default: it only labels focus-set completions and its counts are reported beside the rules'.
 The prompt rows come from the sample files themselves (04 stores each row), so there is no --data.
 """
-import argparse, os, sys, time
+import argparse, gc, os, sys, time
 
 import numpy as np
 import torch
@@ -178,11 +178,6 @@ for n in names:
 prefix = {"n": 0, "teacher_correct_rate": None, "n_samples": 0, "any_correct_rate": None, "by_model": {}}
 if args.teacher and flips:
     tok = common.load_tokenizer(args.teacher)
-    engine = model = None
-    if backend == "vllm":
-        engine = common.make_vllm_engine(args.teacher, seed=args.seed)
-    else:
-        model = common.load_model(args.teacher, device=device)
     chosen = []
     for n in args.misled:
         mine = [f for f in flips if f[0] == n]
@@ -191,6 +186,11 @@ if args.teacher and flips:
     # the teacher sees its own prompt template plus the student's text up to the recheck phrase
     cuts = [x["completion"][:fl["cut"]] for _, _, x, fl in chosen]
     prompts = [common.build_prompt(tok, t, x["row"]) + c for (_, t, x, _), c in zip(chosen, cuts)]
+    engine = model = None
+    if backend == "vllm":  # the prompts carry the students' prefixes: size the engine's context to them
+        engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, prompts, args.max_new_tokens))
+    else:
+        model = common.load_model(args.teacher, device=device)
     outs = common.generate(model, tok, prompts, n=args.n_continue, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, backend=backend,
                            engine=engine, show="teacher continues")
@@ -207,6 +207,7 @@ if args.teacher and flips:
     prefix["example"] = {"prefix": cuts[0][-300:], "teacher": outs[0]["text"][:300], "correct": bool(ok[0])}
     print(f"prefix test | {len(chosen)} prefixes x {args.n_continue} | teacher ends correct {ok.mean():.3f}", flush=True)
     del model, engine
+    gc.collect()
 
 # ----------------------------------------------------------------------------- optional LLM judge
 judge = None

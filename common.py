@@ -503,17 +503,31 @@ def resolve_backend(backend):
     return backend
 
 
-def make_vllm_engine(path, seed=0, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16, max_model_len=4096,
+def vllm_max_len(tokenizer, prompts, max_new_tokens):
+    """The context an engine needs for these prompts: the longest one in tokens plus the completion budget."""
+    prompts = list(prompts)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    return max((len(x) for x in ids), default=0) + max_new_tokens
+
+
+def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16,
                      dtype="bfloat16", inprocess=False, **kw):
-    """A colocated vLLM engine (imported lazily; never needed on CPU). inprocess=True runs the engine
-    core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the
-    training tensors on the same GPU instead of pickling GBs through a pipe every step: use it for the
-    one engine that receives weights (03's student). Other engines keep vLLM's own process, which
-    frees its memory when deleted. Sleep mode lets a training step reclaim the KV cache (sleep/wake_up)."""
+    """A colocated vLLM engine (imported lazily; never needed on CPU). max_model_len: vLLM cuts a
+    sequence at this length without an error, so stages pass vllm_max_len(...) of their prompts and
+    _vllm_generate refuses a request that would not fit. inprocess=True runs the engine core in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the training tensors on
+    the same GPU instead of pickling GBs through a pipe every step: use it for the one engine that
+    receives weights (03's student), created after any other engine of the process (vLLM freezes its
+    environment once an in-process engine exists). Other engines keep vLLM's own process, which frees
+    its memory when deleted (del engine; gc.collect()). vLLM accepts LoRA ranks 8, 16, 32, ...: a
+    smaller adapter rank is served with max_lora_rank 8. Creating an in-process engine reseeds this
+    process's global RNGs (vLLM's worker seeds them): callers that restored an RNG state restore it again."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inprocess else "1"
     from vllm import LLM
-    return LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
-               max_lora_rank=max_lora_rank, max_model_len=max_model_len, enable_sleep_mode=True, dtype=dtype, **kw)
+    engine = LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
+                 max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len, dtype=dtype, **kw)
+    engine.tg_max_model_len = max_model_len  # checked per request in _vllm_generate
+    return engine
 
 
 def _worker_load_weights(worker, weights):
@@ -522,9 +536,12 @@ def _worker_load_weights(worker, weights):
 
 def vllm_sync_weights(engine, model):
     """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
-    vLLM's load_weights takes (name, tensor) pairs in HF naming. Not exercised on CPU."""
+    vLLM's load_weights takes (name, tensor) pairs in HF naming. Then the prefix cache is emptied: its
+    blocks hold keys and values computed with the old weights, which the same prompts would reuse."""
     weights = [(name, p.detach()) for name, p in model.state_dict().items()]
     engine.collective_rpc(_worker_load_weights, args=(weights,))
+    if not engine.reset_prefix_cache():
+        die("vLLM could not reset its prefix cache after a weight push (requests still running?)")
 
 
 @torch.no_grad()
@@ -615,13 +632,18 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
 def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
     """Token-id prompts (tokenized here exactly as the hf backend does: no added BOS on top of the
     chat template's) and texts decoded with the same tokenizer, so both backends return the same fields."""
-    from vllm import SamplingParams
     if engine is None:
         die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
-    # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1)
-    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                          seed=seed * 100_003 + i, detokenize=False) for i in range(len(prompts))]
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    limit = getattr(engine, "tg_max_model_len", None)
+    if limit and max(len(x) for x in ids) + max_new_tokens > limit:
+        die(f"a prompt of {max(len(x) for x in ids)} tokens + {max_new_tokens} new tokens exceeds the vLLM engine's "
+            f"max_model_len {limit} (vLLM would cut it silently); build the engine with common.vllm_max_len(...)")
+    from vllm import SamplingParams
+    # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1).
+    # vLLM seeds sample j of a request with seed + j, so request seeds are n apart: no two samples share noise
+    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                          seed=(seed * 100_003 + i) * n, detokenize=False) for i in range(len(prompts))]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
     for i, o in enumerate(outs):

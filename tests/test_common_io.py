@@ -260,3 +260,14 @@ def test_model_stamp_changes_with_the_weights(tmp_path):
     (d / "model.safetensors").write_bytes(b"y" * 11)  # rewritten weights
     assert C.model_stamp(str(d)) != a
     assert C.model_stamp("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+
+
+def test_vllm_context_is_sized_to_the_prompts_and_checked(tok):
+    """The engine's max_model_len covers the longest prompt plus the budget; a request that would not
+    fit stops with one line before vLLM is imported (vLLM itself would cut the sequence silently)."""
+    import types
+    prompts = ["abc", "abcdefgh"]
+    assert C.vllm_max_len(tok, prompts, 10) == len(tok("abcdefgh", add_special_tokens=False)["input_ids"]) + 10 == 18
+    assert C.vllm_max_len(tok, [], 10) == 10
+    with pytest.raises(SystemExit):
+        C.generate(None, tok, prompts, max_new_tokens=11, backend="vllm", engine=types.SimpleNamespace(tg_max_model_len=18))

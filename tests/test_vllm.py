@@ -1,11 +1,15 @@
 """The vLLM backend against the HF one, on a tiny random Llama saved as an HF folder. Runs only where
 CUDA and vllm exist (pip install -r requirements-gpu.txt); skipped on CPU machines and in CI.
 
-What it pins down: n samples per prompt with per-request seeds (reproducible, different across
-seeds), greedy equal to our HF greedy, an in-place weight push changing the engine's output to the
-new weights' greedy output (no rebuild), and a LoRA adapter sent per request equal to the merged
-model. fp32 in vLLM so that greedy argmaxes agree with the HF model token for token."""
+What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt
+with per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal
+to our HF greedy; an in-place weight push changing the engine's output to the new weights' greedy
+output (no rebuild, prefix cache emptied). The in-process engine runs in fp32 so that greedy argmaxes
+agree with the HF model token for token; vLLM's LoRA kernels need bf16, so the LoRA test has its own
+engine in vLLM's process, created first and gone before the in-process one starts (vLLM freezes its
+environment once an in-process engine exists)."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -17,19 +21,52 @@ pytestmark = pytest.mark.skipif(not C.vllm_available(), reason="needs CUDA and v
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tok):
+def model_dir(tmp_path_factory, tok):
     path = str(tmp_path_factory.mktemp("vllm") / "m")  # head_dim 64: a size every vLLM attention backend takes
     tiny_llama(len(tok), hidden=256, layers=2, seed=5, tok=tok).save_pretrained(path)
     tok.save_pretrained(path)
-    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.2, enable_lora=True, max_lora_rank=8,
-                                max_model_len=512, dtype="float32", enforce_eager=True, inprocess=True)
-    model = C.load_model(path, "cuda", dtype=torch.float32)
-    prompts = [C.build_prompt(tok, "toy_math", {"prompt": q}) for q in ("what is 2+3?", "count to five", "a b c")]
-    return engine, model, prompts
+    return path
+
+
+def prompts_of(tok):
+    return [C.build_prompt(tok, "toy_math", {"prompt": q}) for q in ("what is 2+3?", "count to five", "a b c")]
 
 
 def greedy_ids(backend, model, tok, prompts, engine, **kw):
     return [o["ids"] for o in C.generate(model, tok, prompts, max_new_tokens=24, greedy=True, backend=backend, engine=engine, **kw)]
+
+
+def test_lora_request_is_the_trained_adapter(model_dir, tok, tmp_path):
+    """A zero adapter (peft's default init, B = 0) leaves the greedy output as it is; a random one
+    changes it, and its first greedy token per prompt is the merged model's (bf16 vs fp32: later
+    tokens may drift apart on near-ties)."""
+    from peft import LoraConfig, get_peft_model
+    from vllm.lora.request import LoRARequest
+    model, prompts = C.load_model(model_dir, "cuda", dtype=torch.float32), prompts_of(tok)
+    engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, enable_lora=True,
+                                max_lora_rank=8, enforce_eager=True)
+    try:
+        base = greedy_ids("vllm", None, tok, prompts, engine)
+        for lid, (name, init) in enumerate((("zero", True), ("random", False)), 1):
+            pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=init))
+            pm.save_pretrained(tmp_path / name)
+            got = greedy_ids("vllm", None, tok, prompts, engine, lora_request=LoRARequest(name, lid, str(tmp_path / name)))
+            if init:
+                assert got == base
+            else:
+                assert got != base
+                merged = greedy_ids("hf", pm.merge_and_unload(), tok, prompts, None)
+                assert [g[:1] for g in got] == [m[:1] for m in merged]
+    finally:
+        del engine
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir, tok):
+    engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32",
+                                enforce_eager=True, inprocess=True)
+    return engine, C.load_model(model_dir, "cuda", dtype=torch.float32), prompts_of(tok)
 
 
 def test_samples_and_seeds(setup, tok):
@@ -40,6 +77,7 @@ def test_samples_and_seeds(setup, tok):
     assert [o["i"] for o in a] == [i for i in range(3) for _ in range(4)]  # prompt-major, n per prompt
     assert [o["ids"] for o in a] == [o["ids"] for o in b]
     assert [o["ids"] for o in a] != [o["ids"] for o in c]
+    assert len({tuple(o["ids"]) for o in a}) == len(a)  # 16 tokens of a random model: equal samples mean shared noise
     assert all(o["text"] == tok.decode(o["ids"], skip_special_tokens=True) for o in a)
     # as in the hf backend, a finished sample's ids end with the eos it sampled (03 trains on it)
     assert all(o["ids"][-1] == tok.eos_token_id for o in a + c if o["finished"])
@@ -54,18 +92,13 @@ def test_greedy_matches_hf_and_weight_push(setup, tok):
             p.add_(0.05 * torch.randn_like(p))
     want = greedy_ids("hf", pushed, tok, prompts, None)
     assert want != greedy_ids("hf", model, tok, prompts, None)  # the push must be visible
-    C.vllm_sync_weights(engine, pushed)
+    C.vllm_sync_weights(engine, pushed)  # same prompts as before: stale prefix-cache blocks would show here
     assert greedy_ids("vllm", None, tok, prompts, engine) == want
     C.vllm_sync_weights(engine, model)  # leave the engine as the other tests expect it
     assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
 
 
-def test_lora_request_equals_merged(setup, tok, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from vllm.lora.request import LoRARequest
-    engine, model, prompts = setup
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    pm.save_pretrained(tmp_path / "lora")
-    merged = pm.merge_and_unload()
-    got = greedy_ids("vllm", None, tok, prompts, engine, lora_request=LoRARequest("t", 1, str(tmp_path / "lora")))
-    assert got == greedy_ids("hf", merged, tok, prompts, None)
+def test_a_request_longer_than_the_engine_stops_clearly(setup, tok):
+    engine, _, prompts = setup
+    with pytest.raises(SystemExit):
+        C.generate(None, tok, prompts, max_new_tokens=512, backend="vllm", engine=engine)
