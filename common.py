@@ -8,6 +8,7 @@ G group size, P prompts.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -254,20 +255,25 @@ MATH_INSTRUCTION = "Solve the problem step by step, then give the final answer o
 MC_INSTRUCTION = "Answer the multiple-choice question. End with 'The answer is (X)' where X is the letter of your choice."
 LETTERS = "ABCDEFGHIJKLMNOP"
 
-# kind: math (numeric answer), mc (letter), open (reward model). hub: (dataset id, config, split map).
-# The real-task column maps say how a hub row becomes {prompt, answer, choices}; a local jsonl/parquet
-# file must already have those columns.
+# kind: math (numeric answer), mc (letter), open (reward model). hub: (dataset id, config), splits: our
+# split -> the hub's. holdout: a dataset with one split; a fixed 10% of it (by a hash of the prompt, the
+# same for every seed) is our test split and the rest train, so no training prompt is ever evaluated.
+# BigMath levels are open-r1's processing of Big-Math: quintiles of the Llama-3.1-8B solve rate, level 5
+# the hardest. Vicuna's 80 questions are evaluation only. The real-task column maps say how a hub row
+# becomes {prompt, answer, choices}; a local jsonl/parquet file must already have those columns.
 TASKS = {
     "toy_math": {"kind": "math", "toy": True},
     "toy_qa": {"kind": "mc", "toy": True},
     "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}},
-    "bigmath_l4": {"kind": "math", "hub": ("SynthLabsAI/Big-Math-RL-Verified", None), "splits": {"train": "train", "test": "train"}, "level": 4},
-    "bigmath_l5": {"kind": "math", "hub": ("SynthLabsAI/Big-Math-RL-Verified", None), "splits": {"train": "train", "test": "train"}, "level": 5},
+    "bigmath_l4": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_4"), "splits": {"train": "train", "test": "train"},
+                   "holdout": True},
+    "bigmath_l5": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_5"), "splits": {"train": "train", "test": "train"},
+                   "holdout": True},
     "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}},
     "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}},
-    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}},
-    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}},
-    "vicuna": {"kind": "open", "hub": ("lmsys/vicuna_eval", None), "splits": {"train": "test", "test": "test"}},
+    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
+    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
+    "vicuna": {"kind": "open", "hub": ("MiniLLM/Vicuna", None), "data_files": "valid.jsonl", "splits": {"test": "train"}},
     "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic"},
 }
 
@@ -283,9 +289,7 @@ def _hub_row(task, r):
     if task == "gsm8k":
         return {"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", "")}
     if task.startswith("bigmath"):
-        if "level" in r and r["level"] is not None and int(r["level"]) != TASKS[task]["level"]:
-            return None
-        return {"prompt": r["problem"], "answer": str(r["answer"])}
+        return {"prompt": r["prompt"], "answer": str(r["solution"])}
     if task == "csqa":
         return {"prompt": r["question"], "choices": list(r["choices"]["text"]), "answer": r["answerKey"]}
     if task == "mmlu_pro":
@@ -296,7 +300,8 @@ def _hub_row(task, r):
         ctx = f"\n\n{r['context']}" if r.get("context") else ""
         return {"prompt": r["instruction"] + ctx, "answer": r["response"]}
     if task == "vicuna":
-        return {"prompt": r.get("text") or r.get("prompt") or r["turns"][0], "answer": ""}
+        extra = f"\n\n{r['input']}" if r.get("input") else ""
+        return {"prompt": r["instruction"] + extra, "answer": ""}
     raise KeyError(task)
 
 
@@ -334,16 +339,25 @@ def load_task(task, split="test", data=None, n=None, seed=0):
     else:
         import datasets
         name, config = spec["hub"]
+        if split not in spec["splits"]:
+            die(f"task {task} has no {split} split (it is for evaluation only); train on another task")
         try:
-            ds = datasets.load_dataset(name, config, split=spec["splits"][split])
+            ds = datasets.load_dataset(name, config, split=spec["splits"][split], data_files=spec.get("data_files"))
         except Exception as e:  # the datasets library raises many types when offline
             die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> with columns prompt, answer[, choices]")
         rows = [x for x in (_hub_row(task, r) for r in ds) if x is not None]
+        if spec.get("holdout"):
+            rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
     rows = _check_rows(rows, data or task)
     if n is not None and n < len(rows):
         idx = np.random.default_rng(seed).permutation(len(rows))[:n]
         rows = [rows[i] for i in sorted(idx)]
     return rows
+
+
+def in_holdout(prompt):
+    """The fixed test tenth of a single-split dataset: a hash of the prompt text, not of a seed."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 10 == 0
 
 
 def _gym_rows(name, split, n, seed):

@@ -108,7 +108,25 @@ def test_hub_rows_map_to_the_common_schema():
     assert C._hub_row("gsm8k", {"question": "q", "answer": "work\n#### 1,000"}) == {"prompt": "q", "answer": "1000"}
     r = C._hub_row("csqa", {"question": "q", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "C"})
     assert r["choices"] == list("vwxyz") and r["answer"] == "C"
-    assert C._hub_row("bigmath_l4", {"problem": "p", "answer": "3", "level": 5}) is None
+    assert C._hub_row("bigmath_l4", {"prompt": "p", "solution": "\\frac{1}{2}", "llama8b_solve_rate": 0.3}) == \
+        {"prompt": "p", "answer": "\\frac{1}{2}"}
+    assert C._hub_row("vicuna", {"instruction": "Write a poem.", "input": "", "output": "x"}) == {"prompt": "Write a poem.", "answer": ""}
+
+
+def test_single_split_datasets_hold_out_a_fixed_tenth(monkeypatch):
+    """bigmath / supergpqa / dolly have one hub split: train and test are disjoint, the same for any
+    seed, about 10% test; vicuna is evaluation only."""
+    import datasets
+    hub = [{"prompt": f"problem {i}", "solution": str(i)} for i in range(2000)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub)
+    train = {r["prompt"] for r in C.load_task("bigmath_l5", "train")}
+    test = {r["prompt"] for r in C.load_task("bigmath_l5", "test")}
+    assert not train & test and len(train | test) == 2000 and 150 < len(test) < 250
+    for seed in (0, 1, 7):
+        assert {r["prompt"] for r in C.load_task("bigmath_l5", "test", n=50, seed=seed)} <= test
+        assert {r["prompt"] for r in C.load_task("bigmath_l5", "train", n=500, seed=seed)} <= train
+    with pytest.raises(SystemExit):
+        C.load_task("vicuna", "train")
 
 
 # -----------------------------------------------------------------------------
