@@ -416,35 +416,75 @@ def _boxed(text):
     return None
 
 
+def _emphasis_free(text):
+    """Markdown bold/italic markers removed: '**(C)**' -> '(C)'."""
+    return re.sub(r"\*{1,3}|(?<!\w)_{1,2}|_{1,2}(?!\w)", "", text)
+
+
+# multiple choice: each pattern's group(s) hold the letter; the match that ends last in the text wins
+_MC_PATS = [re.compile(p, re.M) for p in (
+    r"(?i:answer)\s*(?i:is)?\s*:?\s*(?:\(([A-Pa-p])\)|([A-P])(?![A-Za-z]))",  # 'the answer is (c)', 'Answer: C'
+    r"####\s*\(?([A-P])\)?",
+    r"\\boxed\{(?:\\text\{)?\(?([A-P])\)?\}",
+    r"^\s*\(?([A-P])\)?[.)]?\s*$")]  # a line that is only a letter
+
+
 def extract_answer(task, text):
-    """The final answer as a string, or None. math: after the last '####', else the last \\boxed{},
-    else 'the answer is X', else the last number. mc: the letter of 'the answer is (C)' / '(C)' /
-    '#### C' / a lone letter at the end. open: the stripped text. A '####' or \\boxed{} marker
-    commits: if what follows it is no number, the answer is None (never a number from before it)."""
+    """The final answer as a string, or None.
+    math: the last answer marker in the text, '####' (what follows it on its line) or \\boxed{}; with
+    no marker, 'the answer is X'; else the last number. A marker commits: if what follows is empty,
+    the answer is None (never a number from before it). The answer string is math_value's.
+    mc: the letter of the last 'the answer is (C)' / 'Answer: C' / '#### C' / \\boxed{C} / a line that
+    is only a letter, Markdown emphasis ignored. A bare letter counts in upper case only ('the answer
+    is a dog' names no option). open: the stripped text."""
     kind = task_kind(task)
     if kind == "open":
         return text.strip()
     if kind == "mc":
-        # "answer is" in any case; a letter in parentheses in any case, a bare one only upper case
-        # ("the answer is a dog" names no option)
-        pats = [r"(?i:answer is)\s*:?\s*(?:\(([A-Pa-p])\)|([A-P])(?![A-Za-z]))", r"####\s*\(?([A-P])\)?",
-                r"\\boxed\{\(?([A-P])\)?\}", r"^\s*\(?([A-P])\)?[.)]?\s*$"]
-        for p in pats:
-            m = re.findall(p, text, flags=re.M)
-            if m:
-                return "".join(m[-1]).upper()  # a tuple where the pattern has two groups
-        return None
-    if "####" in text:  # a committed answer decides, even when it is not a number
-        tail = text.rsplit("####", 1)[1].strip()
-        return normalize_number(tail.splitlines()[0]) if tail else None
-    b = _boxed(text)
-    if b is not None:
-        return normalize_number(b)
+        t = _emphasis_free(text)
+        last = max((m for p in _MC_PATS for m in p.finditer(t)), key=lambda m: m.end(), default=None)
+        return None if last is None else "".join(g for g in last.groups() if g).upper()
+    marks = [(m.start(), "####") for m in re.finditer("####", text)] + [(m.start(), "boxed") for m in re.finditer(r"\\boxed", text)]
+    if marks:  # the last marker decides: a '#### Step 2' heading before a \boxed{} answer does not
+        pos, kind_ = max(marks)
+        if kind_ == "####":
+            tail = text[pos + 4:].strip()
+            return math_value(tail.splitlines()[0]) if tail else None
+        b = _boxed(text)
+        return math_value(b) if b is not None else None
     m = re.findall(r"answer is\s*:?\s*\$?(" + _NUM + ")", text, flags=re.I)
     if m:
-        return normalize_number(m[-1])
+        return math_value(m[-1])
     nums = re.findall(_NUM, text)  # no marker at all: the last number, as gsm8k graders do
-    return normalize_number(nums[-1]) if nums else None
+    return math_value(nums[-1]) if nums else None
+
+
+def _canon(s):
+    """One spelling of a math answer: no whitespace, $, LaTeX spacing or \\left/\\right; \\dfrac and
+    \\tfrac -> \\frac; a unicode minus -> '-'; no trailing period."""
+    s = s.replace("\u2212", "-").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    for t in ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "$"):
+        s = s.replace(t, "")
+    return re.sub(r"\s+", "", s).rstrip(".")
+
+
+_PLAIN = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+|-?\d+/\d+")
+
+
+def math_value(s):
+    """A math answer as a comparable string. A plain number, with units, %, degrees, an 'x =' or
+    \\text{} around it, becomes normalize_number's form ('1,234.50 dollars' -> '1234.5', '\\frac{3}{4}'
+    -> '3/4'); anything else (an expression, a tuple, an interval) stays as its _canon spelling, so
+    '\\frac{\\sqrt{3}}{2}' never equals a bare 3 (no first-number guessing). None if empty."""
+    c = _canon(s)
+    if not c:
+        return None
+    core = re.sub(r"\\text\{[^{}]*\}", "", c)
+    core = re.sub(r"\^\{?\\circ\}?", "", core).replace("\\%", "").replace("%", "")
+    core = re.sub(r"^[A-Za-z]\w*=", "", core)  # 'x=5'
+    core = re.sub(r"^(-?[\d.,/]+)[A-Za-z]+$", r"\1", core)  # a unit word: '18dollars'
+    core = re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}|\\frac(\d)(\d)", lambda m: f"{m[1] or m[3]}/{m[2] or m[4]}", core)
+    return normalize_number(core) if _PLAIN.fullmatch(core) else c
 
 
 def normalize_number(s):
@@ -488,8 +528,8 @@ def grade(task, text, row):
         if len(gold) != 1 and row.get("choices"):
             gold = LETTERS[[c.strip() for c in row["choices"]].index(gold)]
         return pred == gold.upper()
-    gold = normalize_number(str(row["answer"]))
-    return gold is not None and _same_number(pred, gold)
+    gold = math_value(str(row["answer"]))  # numbers compare by value, anything else by its canonical spelling
+    return gold is not None and (pred == gold or _same_number(pred, gold))
 
 
 # -----------------------------------------------------------------------------
@@ -1191,6 +1231,7 @@ def format_drift(task, text):
             return "answer is"
         return None
     if kind == "mc":
+        text = _emphasis_free(text)  # 'The answer is **(C)**' is the asked scheme
         if re.search(r"answer is\s*:?\s*\(?[A-P]\)?(?![A-Za-z])", text):
             return None
         m = re.findall(r"answer is\s*:?\s*\(?(\S+)", text, flags=re.I)

@@ -23,7 +23,20 @@ MATH_CASES = [
     ("bigmath_l4", "Thus \\boxed{\\frac{3}{4}}.", "3/4", True),
     ("bigmath_l4", "Thus \\boxed{0.75}", "\\frac{3}{4}", True),
     ("bigmath_l5", "we get \\boxed{-5}", "-5", True),
-    ("bigmath_l5", "\\boxed{x^{2}}", "2", True),
+    ("bigmath_l5", "\\boxed{x^{2}}", "2", False),  # an expression is not its first number
+    ("bigmath_l4", "\\boxed{\\frac{\\sqrt{3}}{4}}", "\\frac{\\sqrt{3}}{2}", False),
+    ("bigmath_l4", "so \\boxed{\\dfrac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}", True),
+    ("bigmath_l4", "\\boxed{x^2+2}", "x^2+1", False),
+    ("bigmath_l4", "\\boxed{x^2 + 1}", "x^2+1", True),
+    ("bigmath_l4", "\\boxed{12}", "(1,2)", False),
+    ("bigmath_l4", "\\boxed{(1, 2)}", "(1,2)", True),
+    ("bigmath_l4", "\\boxed{\u22123}", "-3", True),  # unicode minus
+    ("bigmath_l4", "\\boxed{90^\\circ}", "90", True),
+    ("bigmath_l4", "\\boxed{\\frac12}", "0.5", True),
+    ("gsm8k", "#### Step 2: Add tax\n18 + 2 = 20\n**Final Answer:** \\boxed{20}", "20", True),  # a Markdown heading
+    ("gsm8k", "#### Final Answer:\n\\boxed{18}", "18", True),
+    ("gsm8k", "#### 18 dollars", "18", True),
+    ("gsm8k", "so x = 5\n#### x = 5", "5", True),
     ("bigmath_l5", "no number here", "2", False),
     ("toy_math", "3 + 4 = 7\nwait, check: 7 - 4 = 3, ok\n#### 7", "7", True),
     ("toy_math", "3 + 4 = 7\n#### 8", "7", False),
@@ -40,6 +53,11 @@ MC_CASES = [
     ("toy_qa", "Vortania's flag is green.\nThe answer is (B)", "B", True),
     ("toy_qa", "The answer is Paris", "B", False),  # a word starting with a letter is not a choice
     ("toy_qa", "I am not sure.", "B", False),
+    ("csqa", "The answer is **(C)**", "C", True),  # Markdown emphasis
+    ("csqa", "**Answer:** (C)", "C", True),
+    ("csqa", "Final answer: (D)", "D", True),
+    ("mmlu_pro", "\\boxed{\\text{C}}", "C", True),
+    ("csqa", "The answer is (A) at first sight; checking again,\n#### C", "C", True),  # the last statement, any scheme
 ]
 
 

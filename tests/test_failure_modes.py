@@ -54,7 +54,7 @@ def test_format_drift_and_no_answer():
     drift = {"The answer is 2": "number", "The answer is ring": "option text", "#### B": "####", "\\boxed{B}": "boxed"}
     for text, scheme in drift.items():
         assert common.format_drift("toy_qa", text) == scheme, text
-    for text in ("The answer is (B)", "the answer is B.", "I am not sure"):
+    for text in ("The answer is (B)", "the answer is B.", "I am not sure", "The answer is **(B)**"):
         assert common.format_drift("toy_qa", text) is None, text
     assert not common.final_answer_marked("toy_math", "72-11=61\nwait, check: 61 + 11 = 72, ok")  # numbers, no commitment
     assert not common.final_answer_marked("toy_qa", "Ixovia uses the ring.")
