@@ -1124,31 +1124,46 @@ def bootstrap_ci(values, n_boot=1000, seed=0, alpha=0.05):
 # reward model (open-ended tasks, stage 04)
 
 
-def rm_text(tokenizer, question, completion):
-    """[user question, assistant completion] through the RM's own chat template (plain text without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False)
-    return f"User: {question}\n\nAssistant: {completion}"
+def rm_text(tokenizer, question, completion, max_len=None):
+    """[user question, assistant completion] through the RM's own chat template (plain text without
+    one). Past max_len tokens the completion is cut, not the templated text, so the turn still ends
+    the way the RM was trained to score."""
+    def fmt(c):
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": question}, {"role": "assistant", "content": c}],
+                                                 tokenize=False)
+        return f"User: {question}\n\nAssistant: {c}"
+    text = fmt(completion)
+    over = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - max_len if max_len else 0
+    if over > 0:
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        text = fmt(tokenizer.decode(c_ids[:max(0, len(c_ids) - over - 8)]))  # 8: slack for re-tokenization at the cut
+    return text
 
 
 @torch.no_grad()
 def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, max_len=4096, show=None):
     """Raw scalar scores (logit 0) of a sequence-classification reward model, one per (question,
-    completion). Right padding; the model reads the last non-pad token (needs config.pad_token_id).
-    The template already carries any bos, so no special tokens are added."""
-    if rm.config.pad_token_id is None:
-        rm.config.pad_token_id = tokenizer.pad_token_id
+    completion), read at each sequence's own last token: right padding, the trunk's hidden state at
+    attention_mask.sum() - 1 through the score head. Not HF's pooling, which looks for the last token
+    that is not config.pad_token_id and so reads one token early where the pad id is the end-of-turn
+    token (Llama-3 RMs padded with <|eot_id|>). The template already carries any bos, so no special
+    tokens are added."""
+    head = getattr(rm, "score", None)
+    if head is None:
+        die(f"reward model {type(rm).__name__} has no .score head; use a *ForSequenceClassification model (Llama, Qwen, Gemma, Mistral)")
     dev = next(rm.parameters()).device
-    texts = [rm_text(tokenizer, q, c) for q, c in zip(questions, completions)]
+    texts = [rm_text(tokenizer, q, c, max_len) for q, c in zip(questions, completions)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     out, t0 = [0.0] * len(texts), time.time()
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
                         truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
-        logits = rm(**enc).logits[:, 0].float().cpu().tolist()  # (b,)
-        for i, v in zip(idx, logits):
+        h_bLH = rm.base_model(**enc).last_hidden_state
+        last_b = enc["attention_mask"].sum(-1) - 1
+        scores = head(h_bLH[torch.arange(len(idx), device=dev), last_b])[:, 0].float().cpu().tolist()  # (b,)
+        for i, v in zip(idx, scores):
             out[i] = v
         if show:
             progress(min(s + batch_size, len(order)), len(order), t0, show, "seqs")

@@ -105,6 +105,31 @@ def test_reward_model_scores_match_one_at_a_time(tmp_path):
     assert len(set(round(g, 6) for g in got)) == 3  # different texts, different scores
 
 
+def test_reward_model_reads_the_last_token_when_pad_is_the_end_of_turn():
+    """Llama-3 RMs pad with <|eot_id|>, the token that ends every scored turn: HF's pooling (last token
+    that is not the pad id) then reads one token early. Ours reads each row's last real token, batched
+    or alone; and a completion past max_len is cut inside the completion, so the turn still ends."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"  # eos ends a turn
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)  # pad id == eos id
+    rm = LlamaForSequenceClassification(cfg).eval()
+    qs, cs = ["What is 2+2?", "Hi"], ["4", "Hello, a longer answer."]
+    got = common.reward_model_scores(rm, tok, qs, cs, batch_size=2)
+    for q, c, g in zip(qs, cs, got):
+        ids = torch.tensor([tok(common.rm_text(tok, q, c), add_special_tokens=False)["input_ids"]])
+        assert ids[0, -1].item() == tok.eos_token_id
+        with torch.no_grad():
+            want = rm.score(rm.model(input_ids=ids).last_hidden_state[:, -1])[0, 0].item()
+            hf = rm(input_ids=ids).logits[0, 0].item()  # pooled one token early
+        assert g == pytest.approx(want, abs=1e-5) and abs(hf - want) > 1e-4
+    long = common.rm_text(tok, "q?", "x" * 200, max_len=60)
+    n = len(tok(long, add_special_tokens=False)["input_ids"])
+    assert n <= 60 and long.endswith("<|endoftext|>") and "xxxx" in long
+
+
 def test_smoke_run_with_reward_model(tmp_path, tiny_dirs):
     from transformers import LlamaConfig, LlamaForSequenceClassification
     tok = char_tokenizer()
