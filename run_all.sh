@@ -42,18 +42,23 @@ case $PRESET in
   toy)
     W=$R/00_toy_world
     TEACHER=$W/teacher; STUDENT=$W/student; TARGET=$W/target
-    DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; CAL_TASK=toy_math; OOD_TASK=toy_qa
-    TB="toy teacher"; SB="toy student"; GEN=(); BIG03=(); ;;
+    DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; EVAL_TASKS=$TASKS; CAL_TASK=toy_math; OOD_TASKS=toy_qa
+    TB="toy teacher"; SB="toy student"; GEN=(); REAL02=(); REAL03=(); RM=(); ;;
   qwen3)
-    TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B
-    DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    TB=Qwen3-8B; SB=Qwen3-1.7B; GEN=(--max_new_tokens 2048 --backend vllm); BIG03=(--micro_batch 4 --grad_ckpt); ;;
+    TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B; TB=Qwen3-8B; SB=Qwen3-1.7B ;;
   gemma3)
-    TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it
-    DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; CAL_TASK=gsm8k; OOD_TASK=csqa
-    TB=Gemma-3-12B; SB=Gemma-3-4B; GEN=(--max_new_tokens 2048 --backend vllm); BIG03=(--micro_batch 4 --grad_ckpt); ;;
+    TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it; TB=Gemma-3-12B; SB=Gemma-3-4B ;;
   *) echo "error: PRESET=$PRESET; choose toy, qwen3 or gemma3" >&2; exit 2 ;;
 esac
+if [ "$PRESET" != toy ]; then  # the paper's tasks (Tables 1-3); students train on the verifiable ones, all are evaluated
+  DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; EVAL_TASKS=$TASKS,dolly,vicuna
+  CAL_TASK=gsm8k; OOD_TASKS=csqa,mmlu_pro,supergpqa
+  GEN=(--max_new_tokens 2048 --backend vllm); RM=(--reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B)
+  # Our choices for real models (the paper's learning rates, LoRA rank and step counts are not in its text):
+  # a LoRA teacher at 1e-5, full-weight students at 1e-6 (TRL's DistillationConfig default), 8 rollouts per prompt.
+  REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 400 --prompts_per_step 16 --group_size 8)
+  REAL03=(--lr 1e-6 --steps 500 --batch_size 32 --n_prompts 4000 --micro_batch 4 --grad_ckpt)
+fi
 
 # per-stage settings: defaults are each script's own (tuned for the toy world); SMOKE shrinks all
 if [ "$SMOKE" = 1 ]; then
@@ -74,13 +79,13 @@ fi
 # ----------------------------------------------------------------------------- 01 pilot on the original pair (Table 1, Figure 2)
 P=$R/01_pilot
 stage 01_pilot_original "$P/original/table1.json" "$P/original" -- $PY 01_pilot_kl.py --teacher "$TEACHER" --student "$STUDENT" \
-  --teacher_name original --tasks "$TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
+  --teacher_name original --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 
 # ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
 CAL=$R/02_calibrate
 calibrate() {  # calibrate NAME LAM TASKS
   stage "02_calibrate_$1" "$CAL/$1/summary.json" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
-    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${S02[@]}"
+    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
@@ -88,7 +93,7 @@ calibrate undistillable -1 "$TASKS"
 # ----------------------------------------------------------------------------- 01 on the calibrated teachers (Table 4)
 for v in distillable undistillable; do
   stage "01_pilot_$v" "$P/$v/table1.json" "$P/$v" -- $PY 01_pilot_kl.py --teacher "$CAL/$v/merged" --student "$STUDENT" \
-    --teacher_name "$v" --tasks "$TASKS" "${DATA[@]}" --out_dir "$P/$v" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
+    --teacher_name "$v" --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/$v" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 done
 
 # ----------------------------------------------------------------------------- 03 students (Table 2)
@@ -96,7 +101,7 @@ D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
   stage "${P03:-03_distill}_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${BIG03[@]}" "${S03[@]}" "$@"
+    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
 distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
@@ -112,17 +117,20 @@ MODELS+=",improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
 LABELS="teacher=$TB:Teacher,distillable=$TB:Distillable,undistillable=$TB:Undistillable,student=$SB:Student,sft=$SB:SFT"
 LABELS+=",fkl=$SB:GKD-FKL,rkl=$SB:GKD-RKL,improve=$SB:Improve,misled=$SB:Misled"
 stage 04_eval_table2 "$E/table2.json" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
-  --tasks "$TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+  --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${RM[@]}" "${S04[@]}"
 
 # ----------------------------------------------------------------------------- Table 3: calibrate on math only, then OOD / cross-distribution
 calibrate undistillable_math -1 "$CAL_TASK"
 distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TASK"   # distilled on math, evaluated on QA
-distill rkl_undistillable_math_cd rkl "$CAL/undistillable_math/merged" "$OOD_TASK"    # distilled on QA
-MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT"
-MODELS3+=",misled_ood=$D/rkl_undistillable_math_ood/model,misled_cd=$D/rkl_undistillable_math_cd/model"
-LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD),misled_cd=$SB:Misled (CD)"
+MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT,misled_ood=$D/rkl_undistillable_math_ood/model"
+LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD)"
+for t in ${OOD_TASKS//,/ }; do  # cross-distribution: one student per evaluation task, distilled on that task
+  sfx=$([ "$OOD_TASKS" = "$t" ] || echo "_$t")  # one task (toy): no suffix; several: read each CD row in its own column
+  distill "rkl_undistillable_math_cd$sfx" rkl "$CAL/undistillable_math/merged" "$t"
+  MODELS3+=",misled_cd$sfx=$D/rkl_undistillable_math_cd$sfx/model"; LABELS3+=",misled_cd$sfx=$SB:Misled (CD${sfx:+ $t})"
+done
 stage 04_eval_table3 "$E/table3.json" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
-  --tasks "$OOD_TASK" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+  --tasks "$OOD_TASKS" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 
 # ----------------------------------------------------------------------------- 05 failure modes (section 6.5)
 F=$R/05_failure
