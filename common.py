@@ -423,7 +423,7 @@ def _emphasis_free(text):
 
 # multiple choice: each pattern's group(s) hold the letter; the match that ends last in the text wins
 _MC_PATS = [re.compile(p, re.M) for p in (
-    r"(?i:answer)\s*(?i:is)?\s*:?\s*(?:\(([A-Pa-p])\)|([A-P])(?![A-Za-z]))",  # 'the answer is (c)', 'Answer: C'
+    r"(?i:answer)\s*(?i:is)?\s*:?\s*(?:\(([a-p])\)|\(?([A-P])(?![A-Za-z]))",  # 'the answer is (c)', 'Answer: C', '(B' cut off'
     r"####\s*\(?([A-P])\)?",
     r"\\boxed\{(?:\\text\{)?\(?([A-P])\)?\}",
     r"^\s*\(?([A-P])\)?[.)]?\s*$")]  # a line that is only a letter
@@ -481,7 +481,7 @@ def math_value(s):
         return None
     core = re.sub(r"\\text\{[^{}]*\}", "", c)
     core = re.sub(r"\^\{?\\circ\}?", "", core).replace("\\%", "").replace("%", "")
-    core = re.sub(r"^[A-Za-z]\w*=", "", core)  # 'x=5'
+    core = re.sub(r"^(?:[A-Za-z]\w*)?=", "", core)  # 'x=5', '=5'
     core = re.sub(r"^(-?[\d.,/]+)[A-Za-z]+$", r"\1", core)  # a unit word: '18dollars'
     core = re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}|\\frac(\d)(\d)", lambda m: f"{m[1] or m[3]}/{m[2] or m[4]}", core)
     return normalize_number(core) if _PLAIN.fullmatch(core) else c

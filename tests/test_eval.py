@@ -84,6 +84,14 @@ def test_metrics_and_markdown_from_samples(tmp_path):
     assert body[3] == "| S | Student | 1.000 [1.000, 1.000] |"
     assert body[4] == "| S | Misled | 0.417 [0.333, 1.000] |"
     assert any(l.startswith("| S | Misled | [") for l in md)  # the interval table
+    # reused samples are graded again by the current grader (and the file follows): a stale grade does not survive
+    stale = common.read_jsonl(out / "samples" / "stu__toy_math.jsonl")
+    stale[0]["correct"] = False
+    write_jsonl(out / "samples" / "stu__toy_math.jsonl", stale)
+    run("--models", "mis=/nonexistent/a,stu=/nonexistent/b,tea=/nonexistent/c", "--tasks", "toy_math", "--data", data,
+        "--n_prompts", 3, "--k", 4, "--out_dir", out)
+    assert {x["model"]: x for x in json.load(open(out / "table2.json"))}["stu"]["acc"] == 1.0
+    assert common.read_jsonl(out / "samples" / "stu__toy_math.jsonl")[0]["correct"] is True
 
 
 def test_reward_model_scores_match_one_at_a_time(tmp_path):
