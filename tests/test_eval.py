@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "04_eval.py")
