@@ -491,16 +491,13 @@ def bench_gpu():
           f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}")
 
     def peak_reset():
+        gpu_sync()
         if dev.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
 
     def peak_gb():
         return f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if dev.type == "cuda" else "peak: CPU, not measured"
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
     # (3) TRL GKDTrainer, on its own copy of the student
     trl_rows, times, trl_lens = [], [], []
     if dist:
@@ -509,7 +506,7 @@ def bench_gpu():
                          f"peak {dist['peak_gb']:.1f} GB" if dist["peak_gb"] else "peak: CPU, not measured", dist["len"]))
     s_trl = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
     trainer = trl_trainer(s_trl, teacher, tok, prompts, times, trl_lens, iters=args.gpu_iters, new_tokens=args.gpu_new_tokens,
-                          lr=1e-6, bf16=dtype == torch.bfloat16, sync=sync)
+                          lr=1e-6, bf16=dtype == torch.bfloat16, sync=gpu_sync)
     if trainer is not None:
         peak_reset()
         trainer.train()
@@ -531,7 +528,7 @@ def bench_gpu():
     for i in range(args.warmup + args.gpu_iters):
         t = [time.perf_counter()]
         comps = C.generate(student, tok, prompts, max_new_tokens=args.gpu_new_tokens, seed=i, backend=backend, engine=engine)
-        sync(); t.append(time.perf_counter())
+        gpu_sync(); t.append(time.perf_counter())
         ids, am, cm = C.make_batch(tok, prompts, [c["ids"] for c in comps], device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss = C.chunked_token_divergence(student, teacher, ids, am, cm, beta=1.0, chunk=args.chunk).mean()
@@ -539,10 +536,10 @@ def bench_gpu():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        sync(); t.append(time.perf_counter())
+        gpu_sync(); t.append(time.perf_counter())
         if engine is not None:
             C.vllm_sync_weights(engine, student)
-        sync(); t.append(time.perf_counter())
+        gpu_sync(); t.append(time.perf_counter())
         ph.append(np.diff(t)), lens.append(cm.sum(1).float().mean().item())
     ph, L = np.array(ph[args.warmup:]), float(np.mean(lens[args.warmup:]))
     ours_s = float(np.median(ph.sum(1)))

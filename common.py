@@ -1134,7 +1134,8 @@ def rm_text(tokenizer, question, completion, max_len=None):
                                                  tokenize=False)
         return f"User: {question}\n\nAssistant: {c}"
     text = fmt(completion)
-    over = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - max_len if max_len else 0
+    # a token covers at least one byte (byte-level BPE, byte fallback): within max_len bytes, no need to count
+    over = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - max_len if max_len and len(text.encode()) > max_len else 0
     if over > 0:
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         text = fmt(tokenizer.decode(c_ids[:max(0, len(c_ids) - over - 8)]))  # 8: slack for re-tokenization at the cut
