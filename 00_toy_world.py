@@ -93,7 +93,8 @@ p.add_argument("--eval_batch", type=int, default=100, help="prompts per greedy g
 args = common.parse_args(p)
 if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meaningless here
     args.math_train, args.qa_entities, args.qa_repeats, args.n_test = 600, 8, 3, 24
-    args.teacher_hidden, args.teacher_layers, args.student_hidden, args.target_hidden = 64, 2, 48, 32
+    # head_dim 32 for the models vLLM serves (its CPU attention takes 32, 64, 80, ...: BACKEND=vllm runs on CPU too)
+    args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.target_hidden = 64, 2, 64, 1, 32
     args.teacher_steps = args.student_steps = args.target_steps = 6
     args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
 

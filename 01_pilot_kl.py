@@ -45,7 +45,7 @@ Departures and readings:
   tail_spearman_signed gives rho on the signed contribution for comparison.
 - Paper reports KL averaged over tasks of a family; we report one column per task.
 """
-import argparse, gc, math, os, sys, time
+import argparse, math, os, sys, time
 
 import numpy as np
 import torch
@@ -185,7 +185,7 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
             x["correct"] = common.grade(task, x["text"], datas[task][x["i"]])
         gen_secs[task] += time.time() - t0
     del engine
-    gc.collect()  # the engine's GPU memory goes back before the next model's engine starts
+    common.release_memory()  # the engine's memory goes back before the next model's engine starts
 
 # ----------------------------------------------------------------------------- loop over tasks: scoring
 rows, rollout_rows, tails = [], [], {}

@@ -41,7 +41,8 @@ Departures from the paper and why:
   GRPO trainer, whose default is also a single update per batch).
 - Rollouts with the HF backend (KV-cached, batched) on CPU. On CUDA with vLLM one colocated engine
   is created once with LoRA enabled, and each step the current adapter is saved and passed as a
-  new LoRARequest id (no engine rebuild). That path is untested on CPU-only machines.
+  new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU build
+  (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been run on a GPU yet.
 - The paper's LoRA rank/alpha/lr are for 8B models; the toy defaults here are chosen to move the
   toy teacher within ~1 minute (measured, see below).
 """

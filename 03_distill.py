@@ -43,12 +43,12 @@ Departures from the paper: constant learning rate, no warmup (short toy runs; an
 more --steps then continues exactly). One sample per prompt per on-policy step. The toy students
 are tiny and fully fine-tuned; --lora r, --micro_batch k (exact gradient accumulation: token-loss
 sums per micro-batch, one division by the batch's token count) and --grad_ckpt are there for real
-models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The CUDA + vLLM path (a colocated
-engine for on-policy samples, weights pushed after every optimizer step, no rebuild) is written
-for real but untested here: this project's CI machine has no GPU.
+models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The vLLM path (a colocated
+engine in this process for on-policy samples, weights pushed after every optimizer step, no rebuild)
+runs in CI on the CPU with vLLM's CPU build (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been
+run on a GPU yet.
 """
 import argparse
-import gc
 import json
 import os
 import random
@@ -179,8 +179,7 @@ def teacher_pool():
         outs = common.generate(None, ttok, tps, n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
         del eng
-        gc.collect()  # vLLM shuts its engine process down when the object is collected
-        torch.cuda.empty_cache()
+        common.release_memory()
     else:
         outs = common.generate(teacher, ttok, [x["tp"] for x in train], n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, batch_size=256, show="teacher samples")
@@ -285,7 +284,7 @@ pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
     rng = common.rng_state()  # an in-process engine reseeds this process's RNGs; a resumed run keeps its own
-    engine = common.make_vllm_engine(args.student, seed=args.seed, inprocess=True,
+    engine = common.make_vllm_engine(args.student, seed=args.seed,
                                      max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
     common.set_rng_state(rng)
     if start:

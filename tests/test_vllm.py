@@ -5,12 +5,11 @@ vLLM build for the machine is installed: CUDA (pip install -r requirements-gpu.t
 What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt
 with per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal
 to our HF greedy; an in-place weight push changing the engine's output to the new weights' greedy
-output (no rebuild, prefix cache emptied). The in-process engine runs in fp32 so that greedy argmaxes
-agree with the HF model token for token; vLLM's LoRA kernels need bf16, so the LoRA test has its own
-engine in vLLM's process, created first and gone before the in-process one starts (vLLM freezes its
-environment once an in-process engine exists)."""
+output (no rebuild, prefix cache emptied), also through a head tied to the embeddings. Engines run
+in this process, one at a time, as in the stages. The engines that are compared with HF greedy run in
+fp32 so that argmaxes agree token for token; vLLM's LoRA kernels need bf16, so the LoRA test has its own
+bf16 engine."""
 import copy
-import gc
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ def test_lora_request_is_the_trained_adapter(model_dir, tok, tmp_path):
                 assert [g[:1] for g in got] == [m[:1] for m in merged]
     finally:
         del engine
-        gc.collect()
+        C.release_memory()
 
 
 def perturbed(model, names=None, scale=0.05, seed=0):
@@ -83,7 +82,7 @@ def test_weight_push_tied_head(tok, tmp_path):
     model, prompts = C.load_model(path, DEV, dtype=torch.float32), prompts_of(tok)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     engine = C.make_vllm_engine(path, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True,
-                                inprocess=True)
+)
     try:
         assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
         pushed = perturbed(model, {"model.embed_tokens.weight"}, scale=0.5)
@@ -93,13 +92,13 @@ def test_weight_push_tied_head(tok, tmp_path):
         assert greedy_ids("vllm", None, tok, prompts, engine) == want
     finally:
         del engine
-        gc.collect()
+        C.release_memory()
 
 
 @pytest.fixture(scope="module")
 def setup(model_dir, tok):
     engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32",
-                                enforce_eager=True, inprocess=True)
+                                enforce_eager=True)
     return engine, C.load_model(model_dir, DEV, dtype=torch.float32), prompts_of(tok)
 
 
