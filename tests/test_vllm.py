@@ -114,6 +114,11 @@ def test_samples_and_seeds(setup, tok):
     assert all(o["text"] == tok.decode(o["ids"], skip_special_tokens=True) for o in a)
     # as in the hf backend, a finished sample's ids end with the eos it sampled (03 trains on it)
     assert all(o["ids"][-1] == tok.eos_token_id for o in a + c if o["finished"])
+    # more new prompt tokens than one scheduler step takes (300 distinct prompts of ~60 tokens): prefills are
+    # split across steps, and a split prefill rewinds its request's seeded generator (on CPU: whole prefills only)
+    many = [C.build_prompt(tok, "toy_math", {"prompt": f"{i} plus {i * 7 % 13} is what? " * 2}) for i in range(300)]
+    big = C.generate(None, tok, many, n=2, max_new_tokens=2, seed=3, backend="vllm", engine=engine)
+    assert len(big) == 600 and [o["i"] for o in big] == [i for i in range(300) for _ in range(2)]
 
 
 def test_greedy_matches_hf_and_weight_push(setup, tok):
