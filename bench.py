@@ -483,7 +483,8 @@ def bench_gpu():
     # (1) standalone vLLM and (2) TRL DistillationTrainer, each in a process of its own with the GPU to itself
     alone = sub("--_standalone", path) if use_vllm else None
     if alone:
-        table.append((f"standalone vLLM generate (own process, {'85% of the GPU' if dev.type == 'cuda' else 'CPU build'})", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
+        where = "85% of the GPU" if dev.type == "cuda" else "CPU build"
+        table.append((f"standalone vLLM generate (own process, {where})", alone["gen_s"], B * alone["len"] / alone["gen_s"], ""))
     dist = sub("--_trl_distill", path)
     teacher = gpu_model("teacher", 2, dtype, tok, dev).eval().requires_grad_(False)
     print(f"## gpu: student {n_student / 1e9:.2f}B / teacher {C.n_params(teacher) / 1e9:.2f}B params ({args.gpu_arch}, random "
