@@ -175,9 +175,7 @@ def teacher_pool():
     t0 = time.time()
     if backend == "vllm":  # a short-lived teacher engine, gone before the student's engine starts
         tps = [x["tp"] for x in train]
-        rng = common.rng_state()  # as for the student's engine below: creating an engine reseeds this process
         eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, args.max_new_tokens))
-        common.set_rng_state(rng)
         outs = common.generate(None, ttok, tps, n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
         del eng
@@ -285,10 +283,8 @@ elif os.path.exists(metrics_path):
 pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
-    rng = common.rng_state()  # an in-process engine reseeds this process's RNGs; a resumed run keeps its own
     engine = common.make_vllm_engine(args.student, seed=args.seed,
                                      max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
-    common.set_rng_state(rng)
     if start:
         common.vllm_sync_weights(engine, hf_weights_view())
 

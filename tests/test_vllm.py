@@ -73,6 +73,15 @@ def perturbed(model, names=None, scale=0.05, seed=0):
     return out
 
 
+def assert_push_reaches_greedy(engine, model, pushed, tok, prompts):
+    """The engine starts as the HF model's greedy, and after the push it is the pushed weights' greedy."""
+    assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
+    want = greedy_ids("hf", pushed, tok, prompts, None)
+    assert want != greedy_ids("hf", model, tok, prompts, None)  # the push must be visible
+    C.vllm_sync_weights(engine, pushed)  # same prompts as before: stale prefix-cache blocks would show here
+    assert greedy_ids("vllm", None, tok, prompts, engine) == want
+
+
 def test_weight_push_tied_head(tok, tmp_path):
     """Small students tie the output head to the input embeddings (the toy student, Qwen3-0.6B to 4B): a push
     of the embeddings alone must reach both ends. Its own in-process engine (as 03's), gone before the next."""
@@ -81,15 +90,11 @@ def test_weight_push_tied_head(tok, tmp_path):
     tok.save_pretrained(path)
     model, prompts = C.load_model(path, DEV, dtype=torch.float32), prompts_of(tok)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    engine = C.make_vllm_engine(path, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True,
-)
+    rng = torch.get_rng_state()
+    engine = C.make_vllm_engine(path, seed=0, max_model_len=512, gpu_memory_utilization=0.2, dtype="float32", enforce_eager=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # vLLM reseeds the process; make_vllm_engine puts the caller's state back
     try:
-        assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
-        pushed = perturbed(model, {"model.embed_tokens.weight"}, scale=0.5)
-        want = greedy_ids("hf", pushed, tok, prompts, None)
-        assert want != greedy_ids("hf", model, tok, prompts, None)
-        C.vllm_sync_weights(engine, pushed)
-        assert greedy_ids("vllm", None, tok, prompts, engine) == want
+        assert_push_reaches_greedy(engine, model, perturbed(model, {"model.embed_tokens.weight"}, scale=0.5), tok, prompts)
     finally:
         del engine
         C.release_memory()
@@ -123,12 +128,7 @@ def test_samples_and_seeds(setup, tok):
 
 def test_greedy_matches_hf_and_weight_push(setup, tok):
     engine, model, prompts = setup
-    assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
-    pushed = perturbed(model)
-    want = greedy_ids("hf", pushed, tok, prompts, None)
-    assert want != greedy_ids("hf", model, tok, prompts, None)  # the push must be visible
-    C.vllm_sync_weights(engine, pushed)  # same prompts as before: stale prefix-cache blocks would show here
-    assert greedy_ids("vllm", None, tok, prompts, engine) == want
+    assert_push_reaches_greedy(engine, model, perturbed(model), tok, prompts)
     C.vllm_sync_weights(engine, model)  # leave the engine as the other tests expect it
     assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
 
