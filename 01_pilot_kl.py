@@ -22,7 +22,9 @@ estimators behave:
 
 Writes config.json (first), metrics.jsonl (one line per task), table1.json (DESIGN 9 row schema
 plus extra keys), table1.md (rows = quantities, columns = tasks, like the paper's Table 1),
-tail_noise.png and rollouts.jsonl (every rollout, its grade and both models' sequence log-probs).
+tail_noise.png, rollouts.jsonl (every rollout, its grade and both models' sequence log-probs) and
+samples_student.json / samples_teacher.json (each model's rollouts, reused by a rerun with the same
+weights and settings).
 
 Expected on the toy world (defaults, 2 CPU cores to itself, seed 0, measured 2026-11-23): 20 s.
     toy_math / toy_qa: accuracy student 0.08 / 0.28, teacher 0.43 / 0.57 (sampled, T=1);
@@ -167,11 +169,21 @@ def fnum(x, nd=3):
 # ----------------------------------------------------------------------------- rollouts: one model at a time
 # Every task's rollouts first, one model's vLLM engine alive at a time: two engines beside both HF
 # models would not fit one 80 GB GPU for an 8B teacher. Each (task, model) gets its own sampling seed,
-# so no two sample sets share random numbers and the order of sampling changes nothing.
+# so no two sample sets share random numbers and the order of sampling changes nothing. Each model's
+# rollouts are kept in samples_<model>.json: a rerun with the same weights and settings (after the
+# second engine found no GPU memory, say) samples only what is missing.
 datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
 prompts = {(t, m): [common.build_prompt(tk, t, r) for r in datas[t]] for t in args.tasks for m, tk in (("s", tok_s), ("t", tok_t))}
 gens, gen_secs = {}, {t: 0.0 for t in args.tasks}
 for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.student), ("teacher", teacher, tok_t, args.teacher))):
+    cache_path = os.path.join(args.out_dir, f"samples_{name}.json")
+    key = {"model": path, "stamp": common.model_stamp(path), "prompts": {t: prompts[t, name[0]] for t in args.tasks},
+           **{k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "seed")}, "backend": backend}
+    cached = common.load_cached(cache_path, key)
+    if cached is not None:
+        print(f"{name} rollouts: reusing {cache_path} (same weights and settings)")
+        gens.update({(t, name): cached[t] for t in args.tasks})
+        continue
     engine = None
     if backend == "vllm":
         mine = [p for t in args.tasks for p in prompts[t, name[0]]]
@@ -181,11 +193,13 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
         gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, seed=args.seed * 1000 + 2 * ti + m,
                                            batch_size=args.batch_size, backend=backend, engine=engine, show=f"sample {name} {task}")
-        for x in gens[task, name]:
-            x["correct"] = common.grade(task, x["text"], datas[task][x["i"]])
         gen_secs[task] += time.time() - t0
     del engine
     common.release_memory()  # the engine's memory goes back before the next model's engine starts
+    common.atomic_write_json(cache_path, {"key": key, "samples": {t: gens[t, name] for t in args.tasks}})
+for (task, name), xs in gens.items():  # graded here, not cached: the tables follow the current grader
+    for x in xs:
+        x["correct"] = common.grade(task, x["text"], datas[task][x["i"]])
 
 # ----------------------------------------------------------------------------- loop over tasks: scoring
 rows, rollout_rows, tails = [], [], {}

@@ -167,11 +167,9 @@ def teacher_pool():
     path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
     key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
     key.update(teacher_stamp=common.model_stamp(args.teacher), backend=backend)  # a retrained teacher samples anew
-    if os.path.exists(path):
-        with open(path) as f:
-            cache = json.load(f)
-        if cache["key"] == key:
-            return cache["samples"]
+    cached = common.load_cached(path, key)
+    if cached is not None:
+        return cached
     t0 = time.time()
     if backend == "vllm":  # a short-lived teacher engine, gone before the student's engine starts
         tps = [x["tp"] for x in train]

@@ -246,6 +246,17 @@ def model_stamp(name_or_path):
     return ";".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in stats) or os.path.abspath(name_or_path)
 
 
+def load_cached(path, key):
+    """The "samples" of a {"key", "samples"} JSON file (written with atomic_write_json) if the same
+    weights and settings made them, i.e. its key equals `key`; else None. This is what lets a rerun
+    skip sampling it has done (01's rollouts, 03's teacher pool), e.g. after a vLLM engine could not start."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cache = json.load(f)
+    return cache["samples"] if cache.get("key") == json.loads(json.dumps(key, default=_json_default)) else None
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -298,6 +298,15 @@ def test_model_stamp_changes_with_the_weights(tmp_path):
     assert C.model_stamp("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
 
 
+def test_sample_cache_is_used_only_under_its_own_key(tmp_path):
+    path, key = str(tmp_path / "s.json"), {"model": "m", "tasks": ("a", "b"), "temperature": 1.0, "data": None}
+    assert C.load_cached(path, key) is None  # nothing written yet
+    C.atomic_write_json(path, {"key": key, "samples": [{"i": 0, "ids": [1, 2]}]})
+    assert C.load_cached(path, dict(key)) == [{"i": 0, "ids": [1, 2]}]  # the tuple came back as a list: still equal
+    assert C.load_cached(path, {**key, "temperature": 0.9}) is None
+    assert C.load_cached(path, {k: v for k, v in key.items() if k != "data"}) is None
+
+
 def test_vllm_context_is_sized_to_the_prompts_and_checked(tok):
     """The engine's max_model_len covers the longest prompt plus the budget; a request that would not
     fit stops with one line before vLLM is imported (vLLM itself would cut the sequence silently)."""

@@ -4,6 +4,7 @@ cross-tokenizer) whose numbers are re-derived independently from the saved rollo
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -74,16 +75,19 @@ def _toy_data(root):
     return root / "data"
 
 
-def _run(tiny_dirs, tmp_path, teacher, out, n_prompts=3, n_samples=4):
+def _run(tiny_dirs, tmp_path, teacher, out, n_prompts=3, n_samples=4, extra=(), log=None):
     data = _toy_data(tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "01_pilot_kl.py"), "--teacher", str(tiny_dirs / teacher),
            "--student", str(tiny_dirs / "student"), "--data", str(data), "--out_dir", str(out),
            "--n_prompts", str(n_prompts), "--n_samples", str(n_samples), "--max_new_tokens", "12",
-           "--batch_size", "5", "--score_batch", "5", "--chunk", "7", "--device", "cpu", "--backend", "hf"]
+           "--batch_size", "5", "--score_batch", "5", "--chunk", "7", "--device", "cpu", "--backend", "hf", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    for f in ("config.json", "table1.json", "table1.md", "tail_noise.png", "rollouts.jsonl", "metrics.jsonl"):
+    for f in ("config.json", "table1.json", "table1.md", "tail_noise.png", "rollouts.jsonl", "metrics.jsonl",
+              "samples_student.json", "samples_teacher.json"):
         assert os.path.getsize(out / f) > 0, f
+    if log is not None:
+        log.append(r.stdout)
     return json.load(open(out / "table1.json")), C.read_jsonl(out / "rollouts.jsonl"), data
 
 
@@ -139,3 +143,25 @@ def test_pilot_cross_tokenizer_is_sequence_level_only(tiny_dirs, tmp_path):
             assert math.isfinite(r[k]), k
     assert all(math.isfinite(x["seq_logp_student"]) and math.isfinite(x["seq_logp_teacher"]) for x in rolls)
     assert "Token-level rows are empty" in open(tmp_path / "cross" / "table1.md").read()
+
+
+def test_pilot_rerun_reuses_rollouts_only_when_weights_and_settings_match(tiny_dirs, tmp_path):
+    """A rerun into the same out_dir takes each model's rollouts from samples_<model>.json (what lets a
+    vLLM run that stopped at its second engine finish); other settings or retrained weights sample anew."""
+    out, log, teacher = tmp_path / "pilot", [], tmp_path / "teacher"  # a copy: its weights' mtime changes below
+    shutil.copytree(tiny_dirs / "teacher", teacher)
+    rows1, rolls1, _ = _run(tiny_dirs, tmp_path, teacher, out, n_prompts=2, n_samples=2, log=log)
+    cached = json.load(open(out / "samples_teacher.json"))
+    for x in cached["samples"]["toy_math"]:  # mark the cache: only a reuse can show these texts
+        x["text"] = "42"
+    C.atomic_write_json(out / "samples_teacher.json", cached)
+    rows2, rolls2, _ = _run(tiny_dirs, tmp_path, teacher, out, n_prompts=2, n_samples=2, log=log)
+    assert "student rollouts: reusing" in log[1] and "teacher rollouts: reusing" in log[1]
+    assert [x["ids"] for x in rolls2] == [x["ids"] for x in rolls1]
+    assert {x["text"] for x in rolls2 if x["source"] == "teacher" and x["task"] == "toy_math"} == {"42"}
+    assert rows2[1]["onpolicy_token_rkl"] == pytest.approx(rows1[1]["onpolicy_token_rkl"], rel=1e-6)
+    _run(tiny_dirs, tmp_path, teacher, out, n_prompts=2, n_samples=2, extra=["--temperature", "0.9"], log=log)
+    assert "reusing" not in log[2]
+    os.utime(teacher / "model.safetensors", ns=(1, 1))  # a teacher retrained in place: its rollouts are stale
+    _run(tiny_dirs, tmp_path, teacher, out, n_prompts=2, n_samples=2, extra=["--temperature", "0.9"], log=log)
+    assert "student rollouts: reusing" in log[3] and "teacher rollouts: reusing" not in log[3]
