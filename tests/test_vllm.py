@@ -5,8 +5,8 @@ vLLM build for the machine is installed: CUDA (pip install -r requirements-gpu.t
 What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt
 with per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal
 to our HF greedy; an in-place weight push changing the engine's output to the new weights' greedy
-output (no rebuild, prefix cache emptied), also through a head tied to the embeddings. Engines run
-in this process, one at a time, as in the stages. The engines that are compared with HF greedy run in
+output (no rebuild, prefix cache emptied), also through a head tied to the embeddings; a freed engine
+giving its memory back. Engines run in this process, one at a time, as in the stages. The engines that are compared with HF greedy run in
 fp32 so that argmaxes agree token for token; vLLM's LoRA kernels need bf16, so the LoRA test has its own
 bf16 engine."""
 import copy
@@ -98,6 +98,31 @@ def test_weight_push_tied_head(tok, tmp_path):
     finally:
         del engine
         C.release_memory()
+
+
+def used_gib():
+    """What this process holds: on CUDA the device's used memory, on CPU the resident set (Linux)."""
+    if DEV == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 2**20
+
+
+def test_a_freed_engine_gives_its_memory_back(model_dir, tok):
+    """The stages' pattern: engines one after another in one process, each freed (del + release_memory)
+    before the next. If a freed engine kept its memory (vLLM issue #21073 on CUDA; on CPU a stored
+    traceback that kept make_vllm_engine's frame alive), the next one would find none."""
+    C.release_memory()
+    base = used_gib()
+    for _ in range(2):
+        engine = C.make_vllm_engine(model_dir, seed=0, max_model_len=512, gpu_memory_utilization=0.2, enforce_eager=True)
+        assert len(greedy_ids("vllm", None, tok, prompts_of(tok)[:1], engine)[0]) > 0
+        held = used_gib()
+        del engine
+        C.release_memory()
+        assert held - base > 1.0, (base, held)  # the engine's KV cache, 20% of the GPU or of RAM: the check can see it
+        assert used_gib() - base < 0.5, (base, held, used_gib())
 
 
 @pytest.fixture(scope="module")
