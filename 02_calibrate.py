@@ -39,10 +39,10 @@ Departures from the paper and why:
 - One gradient update per fresh batch of rollouts, purely on-policy: the importance ratio is
   exactly 1, so PPO/GRPO ratio clipping would do nothing and is left out (appendix D used TRL's
   GRPO trainer, whose default is also a single update per batch).
-- Rollouts with the HF backend (KV-cached, batched) on CPU. With vLLM (CUDA, or its CPU build) one colocated engine
-  is created once with LoRA enabled, and each step the current adapter is saved and passed as a
-  new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU build
-  (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been run on a GPU yet.
+- Rollouts with the HF backend (KV-cached, batched) on CPU. With vLLM (CUDA, or its CPU build) one
+  colocated engine is created once with LoRA enabled, and each step the current adapter is saved and
+  passed as a new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU
+  build (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been run on a GPU yet.
 - The paper's LoRA rank/alpha/lr are for 8B models; the toy defaults here are chosen to move the
   toy teacher within ~1 minute (measured, see below).
 """
@@ -161,15 +161,18 @@ if backend == "vllm":  # colocated engine, created once; the LoRA travels per st
     every = [common.build_prompt(tok, t, r) for t, r in pool] + [common.build_prompt(tok, t, r) for t in held for r in held[t]]
     engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens),
                                      enable_lora=True, max_lora_rank=args.lora_r)
+    shutil.rmtree(lora_dir, ignore_errors=True)  # an earlier run's adapters: other weights under the same step numbers
 
 
 def lora_request(step):
-    """vLLM: save the current adapter and name it with a new id, so the engine loads it fresh."""
+    """vLLM: the adapter after `step` optimizer steps, saved once per step (an eval step asks four times) under
+    a new id, so the engine loads it fresh."""
     if engine is None:
         return None
     path = os.path.join(lora_dir, str(step))
-    model.save_pretrained(path)
-    shutil.rmtree(os.path.join(lora_dir, str(step - 1)), ignore_errors=True)
+    if not os.path.isdir(path):
+        model.save_pretrained(path)
+        shutil.rmtree(os.path.join(lora_dir, str(step - 1)), ignore_errors=True)
     return LoRARequest(f"calib{step}", step + 1, path)
 
 

