@@ -64,6 +64,17 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def load_cached(path, key):
+    """The "samples" of a {"key", "samples"} JSON file (written with atomic_write_json) if the same
+    weights and settings made them, i.e. its key equals `key`; else None. This is what lets a rerun
+    skip sampling it has done (01's rollouts, 03's teacher pool), e.g. after a vLLM engine could not start."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cache = json.load(f)
+    return cache["samples"] if cache.get("key") == json.loads(json.dumps(key, default=_json_default)) else None
+
+
 def atomic_save_dir(path, write):
     """write(tmp) fills a folder (save_pretrained, torch.save); it replaces `path` only once
     complete, and the previous folder is removed only after, so a killed run never leaves a
@@ -244,17 +255,6 @@ def model_stamp(name_or_path):
     files = sorted(f for f in os.listdir(name_or_path) if f.endswith((".safetensors", ".bin", ".pt")))
     stats = [(f, os.stat(os.path.join(name_or_path, f))) for f in files]
     return ";".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in stats) or os.path.abspath(name_or_path)
-
-
-def load_cached(path, key):
-    """The "samples" of a {"key", "samples"} JSON file (written with atomic_write_json) if the same
-    weights and settings made them, i.e. its key equals `key`; else None. This is what lets a rerun
-    skip sampling it has done (01's rollouts, 03's teacher pool), e.g. after a vLLM engine could not start."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        cache = json.load(f)
-    return cache["samples"] if cache.get("key") == json.loads(json.dumps(key, default=_json_default)) else None
 
 
 def n_params(model):
