@@ -790,6 +790,8 @@ def make_batch(tokenizer, prompt_texts, completion_ids, device="cpu"):
     rows, cmask = [], []
     for p, c in zip(prompt_texts, completion_ids):
         pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+        if not pi:  # the first completion token would have no position to be predicted from
+            raise ValueError(f"prompt {p!r} tokenizes to no ids: give every prompt some text (or a bos token)")
         rows.append(pi + list(c))
         cmask.append([0] * len(pi) + [1] * len(c))
     L = max(len(r) for r in rows)
@@ -877,7 +879,7 @@ def _chunked_map(fn, n, chunk, grad):
             outs.append(torch.utils.checkpoint.checkpoint(fn, sl.start, sl.stop, use_reentrant=False))
         else:
             outs.append(fn(sl.start, sl.stop))
-    return torch.cat(outs) if outs else torch.zeros(0)
+    return torch.cat(outs) if outs else fn(0, 0)  # no positions: fn's own (0, ...) result, on its device
 
 
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, chunk=1024):
@@ -915,9 +917,9 @@ def token_divergence(student_logits, teacher_logits, beta=1.0, teacher_topk=None
     renormalized (an API-limited attacker); forward KL then sums over those k tokens only."""
     ls = F.log_softmax(student_logits.float(), -1)
     tl = teacher_logits.float()
-    if teacher_topk:
-        kth = tl.topk(teacher_topk, -1).values[..., -1:]
-        tl = tl.masked_fill(tl < kth, float("-inf"))
+    if teacher_topk:  # exactly k tokens even where logits tie (bf16 teachers tie often)
+        keep = torch.zeros_like(tl, dtype=torch.bool).scatter_(-1, tl.topk(teacher_topk, -1).indices, True)
+        tl = tl.masked_fill(~keep, float("-inf"))
     lt = F.log_softmax(tl, -1)
     if beta == 0:
         return _kl(lt, ls)
@@ -1103,8 +1105,12 @@ def group_normalize(rewards, group_size, eps=1e-6):
     A group whose rewards are all equal carries no signal: its advantages are exactly 0 (no NaN).
     'Equal' is relative to the rewards' scale: sequence log-probs of identical completions scored
     in different batch slots differ by float rounding, and normalizing that noise to unit variance
-    would hand out random +-1 advantages."""
+    would hand out random +-1 advantages. A NaN or inf reward is an error: it would otherwise zero its
+    group's advantages silently (NaN compares False) and leave the loss finite."""
     r_PG = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    if not torch.isfinite(r_PG).all():
+        raise ValueError(f"non-finite reward in group_normalize: {r_PG[~torch.isfinite(r_PG)].tolist()[:4]} "
+                         "(a model scored a completion at -inf or NaN: check its dtype and logits)")
     mu = r_PG.mean(1, keepdim=True)
     sd = r_PG.std(1, unbiased=False, keepdim=True)
     a = torch.where(sd > eps * mu.abs().clamp(min=1), (r_PG - mu) / sd.clamp(min=1e-30), torch.zeros_like(r_PG))
@@ -1126,7 +1132,10 @@ def reinforce_loss(logp_BT, mask_BT, adv_B):
 
 def k3_kl(logp_BT, logp_ref_BT, mask_BT):
     """Per-token K3 estimate of KL(theta||ref) on tokens sampled from theta (Schulman 2020):
-    r = p_ref/p_theta, k3 = r - 1 - log r >= 0, unbiased, mean over completion tokens."""
+    r = p_ref/p_theta, k3 = r - 1 - log r >= 0, unbiased, mean over completion tokens. As a loss term
+    (differentiated directly, as GRPO does and DESIGN 4 asks) its expected gradient, (1 - r) grad log
+    p_theta under theta's samples, is that of KL(ref||theta), not KL(theta||ref): the anchor pulls
+    theta to cover ref's mass; the logged value is still KL(theta||ref)."""
     lr = logp_ref_BT - logp_BT
     k3 = lr.exp() - 1 - lr
     return (k3 * mask_BT).sum() / mask_BT.sum().clamp(min=1)
@@ -1168,11 +1177,13 @@ def pass_at_k(n, c, k):
 
 def maj_at_k(answers, correct):
     """Is the majority-voted answer correct? answers: extracted answers (None = no answer, never
-    voted for), correct: their grades. Ties go to the answer seen first."""
-    counts, first = {}, {}
+    voted for), correct: their grades. Answers the grader counts as equal vote together ('3/4' and
+    '0.75'). Ties go to the answer seen first."""
+    counts, first = {}, {}  # keyed by the first spelling of each value
     for i, a in enumerate(answers):
         if a is None:
             continue
+        a = next((b for b in counts if b == a or _same_number(a, b)), a)
         counts[a] = counts.get(a, 0) + 1
         first.setdefault(a, i)
     if not counts:

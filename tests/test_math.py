@@ -54,12 +54,24 @@ def test_teacher_topk_forward_kl_renormalizes_over_k():
     ls = F.log_softmax(s, -1)[0]
     want = sum(pt2[i] * (math.log(pt2[i]) - ls[i]) for i in range(2))
     assert C.token_divergence(s, t, 0.0, teacher_topk=2).item() == pytest.approx(float(want), rel=1e-5)
+    # tied logits: top-1 keeps exactly one token, so FKL is -log p_s(that token) = log 10 under a uniform student
+    tied = torch.tensor([[5.0, 5.0, 5.0] + [0.0] * 7])
+    assert C.token_divergence(torch.zeros(1, 10), tied, 0.0, teacher_topk=1).item() == pytest.approx(math.log(10), rel=1e-6)
 
 
 def _pair_batch(tok, student, teacher):
     prompts = ["<|user|>add 2 and 3\n<|assistant|>", "<|user|>hi\n<|assistant|>"]
     comps = [tok("the sum is 5 #### 5")["input_ids"], tok("hello there")["input_ids"]]
     return C.make_batch(tok, prompts, comps)
+
+
+def test_make_batch_aligns_masks_and_rejects_an_empty_prompt(tok):
+    ids, am, cm = C.make_batch(tok, ["ab", "abcd"], [[5, 6, 7], [8]])
+    n_a, n_b = len(tok("ab", add_special_tokens=False)["input_ids"]), len(tok("abcd", add_special_tokens=False)["input_ids"])
+    assert cm[0].tolist()[:n_a + 3] == [0] * n_a + [1] * 3 and cm[1].tolist()[:n_b + 1] == [0] * n_b + [1]
+    assert ids[0, n_a:n_a + 3].tolist() == [5, 6, 7] and am.sum(1).tolist() == [n_a + 3, n_b + 1]
+    with pytest.raises(ValueError, match="no ids"):  # its first completion token has no position to be predicted from
+        C.make_batch(tok, ["ab", ""], [[5], [6]])
 
 
 def test_chunked_equals_unchunked_values_and_gradients(tok, tiny_pair):
@@ -192,6 +204,10 @@ def test_sequence_kl_monte_carlo_converges_to_exact_and_token_kl_has_lower_varia
     assert abs(seq_est.mean() - exact) < 4 * seq_est.std() / math.sqrt(n)
     assert abs(tok_est.mean() - exact) < 4 * tok_est.std() / math.sqrt(n) + 1e-9
     assert tok_est.var() < 0.5 * seq_est.var()  # Rao-Blackwell: same mean, lower variance
+    # padding: masked positions add nothing, whatever their log-probs
+    lp, lq = torch.tensor([[-1.0, -2.0, -7.0], [-0.5, -9.0, -9.0]]), torch.tensor([[-3.0, -1.0, 0.0], [-2.5, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert C.sequence_kl(lp, lq, m).tolist() == pytest.approx([2.0 - 1.0, 2.0])
 
 
 def test_offpolicy_estimators_converge_on_teacher_samples():
@@ -207,8 +223,10 @@ def test_offpolicy_estimators_converge_on_teacher_samples():
     lps = torch.tensor([_seq_logp(s, seqs[i]) for i in idx])
     lpt = torch.tensor([_seq_logp(t, seqs[i]) for i in idx])
     est = C.offpolicy_seq_rkl(lps, lpt)
-    assert est["is_mean"] == pytest.approx(exact, abs=0.01)
-    assert est["k3_mean"] == pytest.approx(exact, abs=0.01)
+    fkl = sum(math.exp(_seq_logp(t, y)) * (_seq_logp(t, y) - _seq_logp(s, y)) for y in seqs)
+    assert exact - fkl > 0.012  # the wrong direction (e.g. unweighted k3 on teacher samples) is 3x the tolerance away
+    assert est["is_mean"] == pytest.approx(exact, abs=0.004)
+    assert est["k3_mean"] == pytest.approx(exact, abs=0.004)
     assert est["nonfinite_share"] == 0
     far = C.offpolicy_seq_rkl(torch.tensor([900.0, -5.0]), torch.tensor([0.0, 0.0]))
     assert far["nonfinite_share"] == 0.5  # exp(900) overflows even in float64
@@ -297,6 +315,9 @@ def test_group_normalize():
     assert (C.group_normalize(torch.tensor([-50.0, -50.00001, -50.0, -50.0]), 4) == 0).all()
     assert C.group_normalize(torch.tensor([-50.0, -50.1, -50.0, -50.0]), 4).abs().max() > 1  # a real difference is kept
     assert a[0, 3] > a[0, 0]  # order preserved (a sign flip fails here)
+    for bad in (float("nan"), float("-inf")):  # NaN would otherwise zero its group silently
+        with pytest.raises(ValueError, match="non-finite"):
+            C.group_normalize(torch.tensor([1.0, bad, 3.0, 4.0]), 4)
 
 
 def test_combine_advantages_by_hand():
@@ -335,6 +356,8 @@ def test_wrong_trace_preference_by_hand():
     grp = [0, 0, 0, 1, 1, 1, 1, 2, 2]
     rate, n = C.wrong_trace_preference(rkl, cor, grp)
     assert n == 2 and rate == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # ties: a wrong trace as likely as a correct one is not preferred (strictly lower only)
+    assert C.wrong_trace_preference([2, 2, 1], [1, 0, 0], [0, 0, 0]) == (pytest.approx(0.5), 1)
 
 
 def test_tail_noise_matches_brute_force_loop():
@@ -382,6 +405,9 @@ def test_maj_at_k_ties_and_missing_answers():
     assert C.maj_at_k([None, None, "5"], [False, False, True]) is True  # no-answer never wins the vote
     assert C.maj_at_k([None, None], [False, False]) is False
     assert C.maj_at_k(["1", "2", "2"], [True, False, False]) is False
+    # equal values spelled differently vote together (the grader counts both as correct)
+    assert C.maj_at_k(["5", "5", "3/4", "0.75", "0.75"], [False, False, True, True, True]) is True
+    assert C.maj_at_k(["0.75", "3/4", "1", "1"], [True, True, False, False]) is True  # 2-2 tie, 0.75 seen first
 
 
 def test_bootstrap_ci():
