@@ -62,7 +62,7 @@ p.add_argument("--teacher", required=True, help="teacher: hub id or HF folder (a
 p.add_argument("--student", required=True, help="student: hub id or HF folder")
 p.add_argument("--teacher_name", default="", help="label in the tables (default: folder or id basename)")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
-p.add_argument("--data", default=None, help="toy world data folder, or a local .jsonl/.parquet (None: hub)")
+p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=32, help="prompts per task")
 p.add_argument("--n_samples", type=int, default=16, help="rollouts per prompt per model (paper: 16)")

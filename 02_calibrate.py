@@ -66,7 +66,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_clas
 p.add_argument("--teacher", required=True, help="HF folder or hub id of the teacher to calibrate")
 p.add_argument("--target", required=True, help="calibration target (student or proxy); its tokenizer may differ")
 p.add_argument("--tasks", type=common.csv_list, default="toy_math,toy_qa", help="comma list of verifiable tasks")
-p.add_argument("--data", default=None, help="toy world data folder (D/data) or a local jsonl/parquet file")
+p.add_argument("--data", default=None, help="toy world data folder (D/data), a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash)")
 p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
 # the knob and the objective
 p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")

@@ -54,7 +54,7 @@ import common
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--models", required=True, help="comma list name=path (HF folder or hub id); names become file names")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
-p.add_argument("--data", default=None, help="toy world data folder, or a local .jsonl/.parquet (None: hub)")
+p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=64, help="prompts per task (seeded subset)")
 p.add_argument("--k", type=int, default=16, help="samples per prompt: acc over all, maj@k, pass@k")

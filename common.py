@@ -330,7 +330,11 @@ def _check_rows(rows, where):
 def load_task(task, split="test", data=None, n=None, seed=0):
     """Rows [{prompt, answer, choices?, meta?}].
     data: for toy tasks the toy world's data folder (D/data); for real tasks a local .jsonl/.parquet
-    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only).
+    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only). A single
+    file is one split, like the hub's single-split datasets: its fixed tenth by prompt hash
+    (in_holdout) is 'test', the rest 'train', so a stage that trains and evaluates on one file
+    never evaluates a training prompt (an evaluation-only task, vicuna, keeps all of it for 'test');
+    a folder gives each split its own file.
     n: keep the first n rows after a seeded shuffle (same n, same seed -> same prompts)."""
     spec = TASKS.get(task) or die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
     if data and os.path.isdir(data):
@@ -338,11 +342,20 @@ def load_task(task, split="test", data=None, n=None, seed=0):
         if not os.path.exists(path):
             die(f"missing {path}; for toy tasks pass --data <toy world>/data (made by 00_toy_world.py)")
         rows = read_jsonl(path)
-    elif data and data.endswith(".jsonl"):
-        rows = read_jsonl(data)
-    elif data and data.endswith(".parquet"):
-        import datasets
-        rows = list(datasets.load_dataset("parquet", data_files=data, split="train"))
+    elif data and data.endswith((".jsonl", ".parquet")):
+        if data.endswith(".jsonl"):
+            rows = read_jsonl(data)
+        else:
+            import datasets
+            rows = list(datasets.load_dataset("parquet", data_files=data, split="train"))
+        rows = _check_rows(rows, data)
+        if "train" in spec.get("splits", {"train": None}):
+            rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
+        elif split != "test":  # vicuna: evaluation only, the whole file is its test split
+            die(f"task {task} has no {split} split (it is for evaluation only); train on another task")
+        if not rows:
+            die(f"{data} has no {split} rows: one file is split 9:1 by prompt hash into train/test, and this one is too "
+                f"small for that; pass a folder holding {task}/train.jsonl and {task}/test.jsonl instead")
     elif data:
         die(f"--data {data}: not a folder, .jsonl or .parquet file")
     elif spec.get("toy"):

@@ -106,10 +106,21 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = C.load_task("toy_math", "test", data=str(tmp_path / "data"), n=4, seed=1)
     assert len(got) == 4 and got == C.load_task("toy_math", "test", data=str(tmp_path / "data"), n=4, seed=1)
-    assert C.load_task("gsm8k", data=str(d / "test.jsonl")) == rows  # a local jsonl for a real task
+    # one local file for a real task is one split: its fixed tenth by prompt hash is the test split
+    many = [{"prompt": f"question {i}", "answer": str(i)} for i in range(200)]
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
     import datasets
-    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "x.parquet"))
-    assert C.load_task("gsm8k", data=str(tmp_path / "x.parquet"))[3] == rows[3]
+    datasets.Dataset.from_list(many).to_parquet(str(tmp_path / "one.parquet"))
+    for f in ("one.jsonl", "one.parquet"):
+        train, test = (C.load_task("gsm8k", s, data=str(tmp_path / f)) for s in ("train", "test"))
+        assert 0 < len(test) < len(train) and len(train) + len(test) == 200
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}  # no held-out prompt is trained on
+        assert test == [r for r in many if C.in_holdout(r["prompt"])]
+    assert C.load_task("vicuna", "test", data=str(tmp_path / "one.jsonl")) == many  # evaluation only: all of it
+    (tmp_path / "tiny.jsonl").write_text(json.dumps({"prompt": "q1", "answer": "1"}) + "\n")  # q1 is not in the tenth
+    assert not C.in_holdout("q1")
+    with pytest.raises(SystemExit):
+        C.load_task("gsm8k", "test", data=str(tmp_path / "tiny.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "1"}\n')
     with pytest.raises(SystemExit):
         C.load_task("gsm8k", data=str(tmp_path / "bad.jsonl"))
