@@ -337,6 +337,8 @@ def load_task(task, split="test", data=None, n=None, seed=0):
     a folder gives each split its own file.
     n: keep the first n rows after a seeded shuffle (same n, same seed -> same prompts)."""
     spec = TASKS.get(task) or die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    if data and not os.path.exists(data):
+        die(f"--data {data}: no such file or folder (a toy world's data folder, a .jsonl/.parquet file, or a folder of <task>/<split>.jsonl)")
     if data and os.path.isdir(data):
         path = os.path.join(data, task, f"{split}.jsonl")
         if not os.path.exists(path):

@@ -128,6 +128,8 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         C.load_task("gsm8k", data=str(tmp_path / "empty.jsonl"))
     with pytest.raises(SystemExit):
+        C.load_task("gsm8k", data=str(tmp_path / "missing.jsonl"))  # one line, no traceback
+    with pytest.raises(SystemExit):
         C.load_task("no_such_task")
     with pytest.raises(SystemExit):
         C.load_task("toy_qa")  # toy tasks need the toy world folder
