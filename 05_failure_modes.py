@@ -9,7 +9,8 @@ student, the misled student(s) and any other models, and counts, with determinis
 - self_check_flip:     a recheck phrase ("wait", "let me verify", "double-check", "check:") after a
                        correct intermediate answer, then a different, wrong final answer;
 - format_drift:        the final answer in another labelling scheme than the prompt asked for;
-- overconfident_wrong: per prompt, the majority answer is wrong while some sample is right.
+- overconfident_wrong: per prompt, the majority answer is wrong while some sample is right (the
+                       paper's pass@16 - maj@16 gap; uniform guessing scores high too, so compare models).
 
 The first four are fractions of the analysed completions; overconfident_wrong is a fraction of the
 analysed prompts. Each is reported over all prompts and over the paper's focus set: prompts the base

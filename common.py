@@ -451,7 +451,8 @@ def _emphasis_free(text):
 
 # multiple choice: each pattern's group(s) hold the letter; the match that ends last in the text wins
 _MC_PATS = [re.compile(p, re.M) for p in (
-    r"(?i:answer)\s*(?i:is)?\s*:?\s*(?:\(([a-p])\)|\(?([A-P])(?![A-Za-z]))",  # 'the answer is (c)', 'Answer: C', '(B' cut off'
+    # 'the answer is (c)', 'Answer: C', 'the answer is option (C)', '(B' cut off; not 'Answer A is wrong because'
+    r"(?i:answer)\s*(?:(?i:is)\s*:?|:)\s*(?:(?i:option|choice)\s*)?(?:\(([a-p])\)|\(?([A-P])(?![A-Za-z]))",
     r"####\s*\(?([A-P])\)?",
     r"\\boxed\{(?:\\text\{)?\(?([A-P])\)?\}",
     r"^\s*\(?([A-P])\)?[.)]?\s*$")]  # a line that is only a letter
@@ -488,12 +489,15 @@ def extract_answer(task, text):
 
 
 def _canon(s):
-    """One spelling of a math answer: no whitespace, $, LaTeX spacing or \\left/\\right; \\dfrac and
-    \\tfrac -> \\frac; a unicode minus -> '-'; no trailing period."""
-    s = s.replace("\u2212", "-").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    for t in ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "$"):
+    """One spelling of a math answer: no whitespace, $ or \\$, LaTeX spacing or \\left/\\right; \\dfrac and
+    \\tfrac -> \\frac; a unicode minus -> '-'; LaTeX's 1{,}234 -> 1,234; no Markdown emphasis around it
+    ('**18**': '2*3' keeps its star) and no trailing period."""
+    s = s.replace("\u2212", "-").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
+    for t in ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\$", "$"):
         s = s.replace(t, "")
-    return re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    m = re.fullmatch(r"(\**)(.*?)\*+", s)  # closing emphasis ('**#### 18**' leaves '18**'); an opening one only with it
+    return (m[2] if m and (not m[1] or len(m[1]) == len(s) - len(m[1]) - len(m[2])) else s).rstrip(".")
 
 
 _PLAIN = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+|-?\d+/\d+")
@@ -507,10 +511,13 @@ def math_value(s):
     c = _canon(s)
     if not c:
         return None
-    core = re.sub(r"\\text\{[^{}]*\}", "", c)
+    core = re.sub(r"\\text\{[^{}]*\}", "", c)  # '18\\text{ dollars}'
+    if not re.search(r"\d", core):  # the number was inside: '\\text{18 dollars}'
+        core = re.sub(r"\\text\{([^{}]*)\}", r"\1", c)
+    core = re.sub(r"^(-?[\d.,/]+)\([A-Za-z]+\)$", r"\1", core)  # '42 (apples)'; a tuple '(1,2)' stays
     core = re.sub(r"\^\{?\\circ\}?", "", core).replace("\\%", "").replace("%", "")
     core = re.sub(r"^(?:[A-Za-z]\w*)?=", "", core)  # 'x=5', '=5'
-    core = re.sub(r"^(-?[\d.,/]+)[A-Za-z]+$", r"\1", core)  # a unit word: '18dollars'
+    core = re.sub(r"^(-?[\d.,/]+)[A-Za-z]+(?:/[A-Za-z]+)?$", r"\1", core)  # a unit word: '18dollars', '12.5km/h'
     core = re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}|\\frac(\d)(\d)", lambda m: f"{m[1] or m[3]}/{m[2] or m[4]}", core)
     return normalize_number(core) if _PLAIN.fullmatch(core) else c
 
@@ -1272,16 +1279,20 @@ def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, ma
 # failure-mode detectors (paper section 6.5; stage 05). Pure functions on one completion's text.
 
 # phrases that open a recheck phase ("Wait, let me verify", "double-check", the toy "wait, check: ...")
-RECHECK = re.compile(r"\b(?:wait|hold on|let me (?:verify|check|double[- ]check|re-?check|re-?verify|reconsider)|"
-                     r"double[- ]check|re-?check|verify|check\s*:)", re.I)
+# (whole words: not 'waiting', 'verified' or 'double-checks the price')
+RECHECK = re.compile(r"\b(?:(?:wait|hold on|let me (?:verify|check|double[- ]check|re-?check|re-?verify|reconsider)|"
+                     r"double[- ]check|re-?check|verify)\b|check\s*:)", re.I)
 
 
 def final_answer_marked(task, text):
     """Did the completion commit to a final answer in some recognised scheme ('#### x', \\boxed{x},
-    'the answer is x')? Stricter than extract_answer, whose last-number fallback finds an 'answer'
+    'the answer is x'; for mc also whatever extract_answer reads, e.g. 'Answer: C')? Stricter than extract_answer, whose last-number fallback finds an 'answer'
     in almost any math text; this is the 'no final answer' detector's test."""
-    if task_kind(task) == "open":
+    kind = task_kind(task)
+    if kind == "open":
         return bool(text.strip())
+    if kind == "mc" and extract_answer(task, text) is not None:  # every scheme the grader reads ('Answer: C' too)
+        return True
     return bool(re.search(r"####\s*\S|\\boxed\{|answer is\s*:?\s*\S", text, flags=re.I))
 
 
@@ -1331,8 +1342,8 @@ def self_check_flip(task, text, row):
 def format_drift(task, text):
     """The final answer given in another labelling scheme than the one asked for (MATH_INSTRUCTION:
     '#### <number>'; MC_INSTRUCTION: 'The answer is (X)'). Returns the scheme used ('letter',
-    'answer is', 'boxed', 'number', 'option text', '####') or None (asked scheme, or no answer at all:
-    that is the no-answer detector's case)."""
+    'answer is', 'boxed', 'number', 'option text', '####', 'answer:') or None (asked scheme, or no
+    answer at all: that is the no-answer detector's case)."""
     kind = task_kind(task)
     if kind == "math":
         m = re.findall(r"####\s*(\S+)", text)
@@ -1354,12 +1365,17 @@ def format_drift(task, text):
             return "####"
         if re.search(r"\\boxed\{", text):
             return "boxed"
+        if extract_answer(task, text) is not None and re.search(r"answer\s*:", text, flags=re.I):
+            return "answer:"
         return None
     return None
 
 
 def overconfident_wrong(answers, correct):
-    """Per prompt: the majority-voted answer is wrong while some sample is right (the maj/pass gap)."""
+    """Per prompt: the majority-voted answer is wrong while some sample is right: the pass@k - maj@k
+    gap that paper 6.5 reads as overconfident guessing. It measures that gap, not confidence: a model
+    guessing uniformly among 4 options is flagged on most prompts too (k=16), so compare it across
+    models on the same prompts, as stage 05 does, not against an absolute level."""
     return any(bool(c) for c in correct) and not maj_at_k(answers, correct)
 
 

@@ -41,6 +41,14 @@ MATH_CASES = [
     ("toy_math", "3 + 4 = 7\nwait, check: 7 - 4 = 3, ok\n#### 7", "7", True),
     ("toy_math", "3 + 4 = 7\n#### 8", "7", False),
     ("gsm_symbolic", "The answer is 1,000 km.", "1000", True),
+    ("gsm8k", "**#### 18**", "18", True),  # Markdown emphasis around the marker or the answer
+    ("gsm8k", "#### **18**", "18", True),
+    ("gsm8k", "#### 2*9", "18", False),  # a star inside is not emphasis
+    ("bigmath_l4", "\\boxed{\\$18}", "18", True),
+    ("bigmath_l4", "\\boxed{1{,}234}", "1234", True),
+    ("bigmath_l4", "\\boxed{\\text{18 dollars}}", "18", True),
+    ("gsm8k", "#### 42 (apples)", "42", True),
+    ("gsm8k", "#### 12.5 km/h", "12.5", True),
 ]
 
 MC_CASES = [
@@ -58,6 +66,8 @@ MC_CASES = [
     ("csqa", "Final answer: (D)", "D", True),
     ("mmlu_pro", "\\boxed{\\text{C}}", "C", True),
     ("csqa", "The answer is (A) at first sight; checking again,\n#### C", "C", True),  # the last statement, any scheme
+    ("csqa", "The answer is (C).\n\nAnswer A is wrong because birds fly.", "C", True),  # 'Answer A' states no answer
+    ("csqa", "The answer is option (C)", "C", True),
 ]
 
 

@@ -43,6 +43,9 @@ def test_self_check_flip():
     assert common.self_check_flip("toy_math", FLIP.replace("72-11=61", "72-11=60"), MATH_ROW) is None
     fixed = "72-11=60\nwait, let me double-check: 72-11=61\n#### 61"
     assert common.self_check_flip("toy_math", fixed, MATH_ROW) is None
+    # recheck phrases are whole words: 'double-checks the price' is narration, not a recheck
+    assert common.self_check_flip("toy_math", "72-11=61 and she double-checks the price\n61+1=62\n#### 62", MATH_ROW) is None
+    assert common.self_check_flip("toy_math", "72-11=61\nwaiting for it, 61+1=62\n#### 62", MATH_ROW) is None
 
 
 def test_format_drift_and_no_answer():
@@ -59,6 +62,8 @@ def test_format_drift_and_no_answer():
     assert not common.final_answer_marked("toy_math", "72-11=61\nwait, check: 61 + 11 = 72, ok")  # numbers, no commitment
     assert not common.final_answer_marked("toy_qa", "Ixovia uses the ring.")
     assert common.final_answer_marked("toy_math", CLEAN) and common.final_answer_marked("toy_qa", "The answer is (B)")
+    # what the grader reads is a committed answer (not 'no answer'), in a scheme other than the one asked for
+    assert common.final_answer_marked("toy_qa", "Answer: B") and common.format_drift("toy_qa", "Answer: B") == "answer:"
 
 
 def test_continuation_correct():
