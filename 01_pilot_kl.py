@@ -32,7 +32,8 @@ Expected on the toy world (defaults, 2 CPU cores to itself, seed 0, measured 202
     sequence (token RKL summed per sequence 36.8 / 2.2: Eq. 1 and Eq. 2 agree); wrong-trace
     preference 49.6% / 35.4%; off-policy IS mean -0.021 / 0.455, K3 mean 0.968 / 0.636 with
     median 1.000 on toy_math (the weights vanish); forking share 0.73 / 0.83; tail-noise rho for
-    k = 1, 5, 20, 100, all: 0.72, 0.83, 0.84, 0.85, 0.85 / 0.21, 0.33, 0.37, 0.38, 0.40.
+    k = 1, 5, 20, 100, all, per position: 0.72, 0.83, 0.84, 0.85, 0.85 / 0.21, 0.33, 0.37, 0.38, 0.40;
+    per top-k occurrence: -0.15, 0.51, 0.74, 0.84, 0.85 / -0.44, -0.12, 0.19, 0.34, 0.40.
 
 Departures and readings:
 - Cross-tokenizer pairs (e.g. teacher vs the target): only sequence-level rows; each model scores
@@ -44,7 +45,13 @@ Departures and readings:
 - Tail noise: the figure and rho use |contribution| (a token's contribution p_s(v) log(p_s/p_t)
   is negative where the teacher puts more mass; both are discrepancy). rho is taken over tokens
   realized at least once in the student's rollouts and ever inside the top-k (non-zero sum);
-  tail_spearman_signed gives rho on the signed contribution for comparison.
+  tail_spearman_signed gives rho on the signed contribution for comparison. Two normalizations:
+  tail_spearman divides a token's summed contribution by all positions (DESIGN 4's reading of
+  Eq. 4); tail_spearman_member by the positions where the token was a top-k candidate, its mean
+  contribution there (the paper's "average KL divergence for each token"). At small k the first
+  mostly counts how often a token is a candidate, which follows its frequency almost rank for rank
+  (toy_math, k=1: rho 0.99 between the two), so only the second can show the paper's finding that
+  the correlation appears only as k -> |V|. The figure has one row per normalization.
 - Paper reports KL averaged over tasks of a family; we report one column per task.
 """
 import argparse, math, os, sys, time
@@ -233,7 +240,7 @@ for task in args.tasks:
            "wrong_trace_prompts": wtp_n,
            "offpolicy_token_rkl": None, "offpolicy_token_fkl": None,
            "onpolicy_token_rkl_per_seq": None, "onpolicy_token_fkl_per_seq": None, "offpolicy_token_rkl_per_seq": None,
-           "forking_share": None, "tail_spearman_signed": None,
+           "forking_share": None, "tail_spearman_signed": None, "tail_spearman_member": None,
            "acc_student": None if is_open else float(np.mean([x["correct"] for x in gen_s])),
            "acc_teacher": None if is_open else float(np.mean([x["correct"] for x in gen_t])),
            "len_student": float(sc_s["n_tok"].mean()), "len_teacher": float(sc_t["n_tok"].mean()),
@@ -247,7 +254,8 @@ for task in args.tasks:
             "offpolicy_token_rkl_per_seq": float(sc_t["rkl_sum"].mean()),
             "forking_share": common.forking_share(tok_on["rkl"], tok_on["ent"], args.forking_frac),
             "tail_spearman": common.tail_spearman(tail, freq_V, KEYS),
-            "tail_spearman_signed": common.tail_spearman(tail, freq_V, KEYS, signed=True)})
+            "tail_spearman_signed": common.tail_spearman(tail, freq_V, KEYS, signed=True),
+            "tail_spearman_member": common.tail_spearman(tail, freq_V, KEYS, per="member")})
         tails[task] = (tail, freq_V)
     rows.append(row)
     for src, g, sc in (("student", gen_s, sc_s), ("teacher", gen_t, sc_t)):
@@ -277,14 +285,14 @@ LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
     ("Off-policy sequence RKL, K3: mean / median", "offpolicy_seq_rkl_k3"),
     ("Off-policy non-finite weights / max log w", "offpolicy_nonfinite_share"),
     (f"Forking share (token RKL on top {args.forking_frac:.0%} entropy)", "forking_share"),
-] + [(f"Tail-noise Spearman, k={k}", ("tail", k)) for k in KEYS]
+] + [(f"Tail-noise Spearman, k={k}: per position / per top-k occurrence", ("tail", k)) for k in KEYS]
 
 
 def cell(r, key):
     if key is None:
         return f"{fnum(r['acc_student'])} / {fnum(r['acc_teacher'])}"
     if isinstance(key, tuple):
-        return fnum((r["tail_spearman"] or {}).get(key[1]))
+        return f"{fnum((r['tail_spearman'] or {}).get(key[1]))} / {fnum((r['tail_spearman_member'] or {}).get(key[1]))}"
     if key == "onpolicy_seq_rkl":
         return fnum(r[key], 1) + ("" if r["wrong_trace_pref"] is None else f" ({r['wrong_trace_pref']:.1%})")
     if key == "offpolicy_seq_rkl_is":
@@ -309,18 +317,20 @@ common.atomic_write_text(os.path.join(args.out_dir, "table1.md"), "\n".join(md) 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.8), squeeze=False)
-for ax, key in zip(axes[0], KEYS):
-    titles = []
-    for task, (tail, freq_V) in tails.items():
-        y_V = np.abs(tail[key].numpy() / max(tail["n"], 1))  # |.|: see the docstring
-        m = (freq_V > 0) & (y_V > 0)
-        ax.scatter(freq_V[m], y_V[m], s=6, alpha=0.5, label=task)
-        titles.append(f"{task} {fnum(next(r for r in rows if r['task'] == task)['tail_spearman'][key], 2)}")
-    ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_title(f"k={key}: rho " + ", ".join(titles) if titles else f"k={key}: no shared vocabulary", fontsize=8)
-    ax.set_xlabel("token frequency in student rollouts")
-axes[0][0].set_ylabel("|avg RKL contribution| per position")
+fig, axes = plt.subplots(2, len(KEYS), figsize=(4 * len(KEYS), 7.2), squeeze=False)
+for row_axes, per, field in ((axes[0], "position", "tail_spearman"), (axes[1], "member", "tail_spearman_member")):
+    for ax, key in zip(row_axes, KEYS):
+        titles = []
+        for task, (tail, freq_V) in tails.items():
+            y_V = np.abs(common.tail_contribution(tail, key, per))  # |.|: see the docstring
+            m = (freq_V > 0) & (y_V > 0)
+            ax.scatter(freq_V[m], y_V[m], s=6, alpha=0.5, label=task)
+            titles.append(f"{task} {fnum(next(r for r in rows if r['task'] == task)[field][key], 2)}")
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_title(f"k={key}: rho " + ", ".join(titles) if titles else f"k={key}: no shared vocabulary", fontsize=8)
+        ax.set_xlabel("token frequency in student rollouts")
+axes[0][0].set_ylabel("|RKL contribution| summed, per position")
+axes[1][0].set_ylabel("|RKL contribution|, mean where in top-k")
 if tails:
     axes[0][0].legend(fontsize=7)
 fig.suptitle(f"Tail noise: {args.teacher_name} vs {rows[0]['student']}", fontsize=9)

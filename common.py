@@ -1050,8 +1050,10 @@ def wrong_trace_preference(seq_rkl, correct, group):
 def tail_noise_update(acc, student_logits, teacher_logits, ks=(1, 5, 20, 100, None)):
     """Paper Eq. 4 (our reading): per vocabulary token v and each k, add up v's reverse-KL
     contribution p_s(v)(log p_s(v) - log p_t(v)) over the positions where v is in the student's
-    top-k (k=None: all of V). acc: {k: (V,) float64 sums} (created if empty) plus acc['n']
-    positions. Divide by acc['n'] for the per-position average. (N, V), (N, V)."""
+    top-k (k=None: all of V). acc: {k: (V,) float64 sums} (created if empty), {'#' + k: (V,) how many
+    positions had v in the top-k} and acc['n'] positions. Divide a sum by acc['n'] for DESIGN 4's
+    per-position average, or by its count for v's mean contribution where it is a top-k candidate
+    (tail_spearman's per="member"). (N, V), (N, V)."""
     ls = F.log_softmax(student_logits.float(), -1)
     lt = F.log_softmax(teacher_logits.float(), -1)
     contrib_NV = (ls.exp() * (ls - lt)).double()
@@ -1060,11 +1062,15 @@ def tail_noise_update(acc, student_logits, teacher_logits, ks=(1, 5, 20, 100, No
         key = "all" if k is None else str(k)
         if key not in acc:
             acc[key] = torch.zeros(V, dtype=torch.float64)
+            acc["#" + key] = torch.zeros(V, dtype=torch.float64)
         if k is None or k >= V:
             acc[key] += contrib_NV.sum(0).cpu()
+            acc["#" + key] += contrib_NV.shape[0]
         else:
-            idx = ls.topk(k, -1).indices
-            acc[key].index_add_(0, idx.reshape(-1).cpu(), contrib_NV.gather(-1, idx).reshape(-1).cpu())
+            idx_Nk = ls.topk(k, -1).indices
+            flat = idx_Nk.reshape(-1).cpu()
+            acc[key].index_add_(0, flat, contrib_NV.gather(-1, idx_Nk).reshape(-1).cpu())
+            acc["#" + key].index_add_(0, flat, torch.ones(len(flat), dtype=torch.float64))
     acc["n"] = acc.get("n", 0) + contrib_NV.shape[0]
     return acc
 
@@ -1091,14 +1097,25 @@ def _rank(a):
     return r
 
 
-def tail_spearman(acc, freq_V, keys=("1", "5", "20", "100", "all"), signed=False):
+def tail_contribution(acc, key, per="position"):
+    """(V,) numpy: a token's summed top-k contribution per position (acc[k] / acc['n'], DESIGN 4's
+    reading of Eq. 4) or, per="member", its mean over the positions where it was a top-k candidate
+    (0 where never; the paper's 'average KL divergence for each token'). The per-position form
+    counts how often v is a candidate, which at small k is a near rank copy of v's frequency."""
+    sum_V = acc[key].double().cpu().numpy()
+    if per == "position":
+        return sum_V / max(acc.get("n", 0), 1)
+    return sum_V / np.maximum(acc["#" + key].double().cpu().numpy(), 1)
+
+
+def tail_spearman(acc, freq_V, keys=("1", "5", "20", "100", "all"), signed=False, per="position"):
     """Figure 2's correlation per k from a tail_noise_update accumulator: Spearman rho between a
-    token's frequency in the rollouts freq_V (V,) and its per-position contribution acc[k]/acc['n']
+    token's frequency in the rollouts freq_V (V,) and its contribution tail_contribution(acc, k, per)
     (|.| unless signed), over tokens realized at least once AND ever inside the top-k (non-zero
     sum; tokens never in the top-k would add a block of ties at 0). {key: rho or None}."""
     out = {}
     for key in keys:
-        y_V = acc[key].double().cpu().numpy() / max(acc.get("n", 0), 1)
+        y_V = tail_contribution(acc, key, per)
         y_V = y_V if signed else np.abs(y_V)
         m = (np.asarray(freq_V) > 0) & (acc[key].cpu().numpy() != 0)
         rho = spearman(np.asarray(freq_V)[m], y_V[m])

@@ -368,13 +368,17 @@ def test_tail_noise_matches_brute_force_loop():
     acc = C.tail_noise_update(acc, s[4:], t[4:], ks=(1, 3, None))  # accumulates over chunks
     ps, pt = F.softmax(s, -1), F.softmax(t, -1)
     for k, key in ((1, "1"), (3, "3"), (Vt, "all")):
-        want = np.zeros(Vt)
+        want, count = np.zeros(Vt), np.zeros(Vt)
         for i in range(N):
             top = sorted(range(Vt), key=lambda v: -ps[i, v].item())[:k]
             for v in top:
                 want[v] += ps[i, v].item() * (math.log(ps[i, v].item()) - math.log(pt[i, v].item()))
+                count[v] += 1
         assert np.allclose(acc[key].numpy(), want, atol=1e-6)
-    assert acc["n"] == N
+        assert np.allclose(C.tail_contribution(acc, key), want / N, atol=1e-7)  # per position (DESIGN 4)
+        # per member: v's mean over the positions where it is a top-k candidate (0 where never)
+        assert np.allclose(C.tail_contribution(acc, key, per="member"), np.where(count > 0, want / np.maximum(count, 1), 0), atol=1e-7)
+    assert acc["n"] == N and acc["#all"].tolist() == [N] * Vt and acc["#1"].sum() == N and acc["#3"].sum() == 3 * N
 
 
 def test_spearman():
