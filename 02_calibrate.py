@@ -32,8 +32,11 @@ KL change is length (the sequence KL sums over tokens); --cal_length_norm uses p
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
 --teacher by 01/03/04), ckpt/ (adapter, optimizer, step, RNG, data cursor; a rerun with the same
-out_dir and settings resumes from it, other settings are refused), summary.json (lam, greedy held-out accuracy per task and the on-policy
-sequence KL(theta||target) of the original and the calibrated teacher).
+out_dir and settings resumes from it, other settings are refused), summary.json (lam, greedy held-out
+accuracy per task and the on-policy sequence KL(theta||target) of the original and the calibrated
+teacher, both measured with the adapter unmerged; merge_lost_share: how much of the LoRA's weight
+change the merge into the teacher's dtype rounds away, 0 in fp32, with a warning above 10%: a bf16
+teacher keeps 8 significant bits, so a small-lr update can vanish from merged/).
 
 Departures from the paper and why:
 - One gradient update per fresh batch of rollouts, purely on-policy: the importance ratio is
@@ -317,6 +320,11 @@ while step < args.steps:
 # outputs: adapter, held-out eval of the calibrated teacher, merged model, summary
 common.atomic_save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
 after = evaluate(step, "calibrated")
+merge_lost = common.lora_merge_loss(model)  # 0 in fp32; a bf16 merge can round a small-lr update away
+if merge_lost > 0.1:
+    print(f"warning: merging the LoRA into the {base.dtype} teacher rounds away {merge_lost:.0%} of its weight change; "
+          "merged/, which the later stages load, carries only the rest (the accuracy and KL above are of base + adapter). "
+          "A larger --lr keeps more of it; adapter/ has all of it", flush=True)
 merged = model.merge_and_unload()  # plain HF model: loads with AutoModelForCausalLM.from_pretrained
 
 
@@ -333,7 +341,7 @@ summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.te
            "acc": {"original": {t: before[f"acc_{t}"] for t in args.tasks}, "calibrated": {t: after[f"acc_{t}"] for t in args.tasks}},
            "seq_kl_target": {"original": before["seq_kl_target"], "calibrated": after["seq_kl_target"]},
            "train_first_last": {k: [train[0][k], train[-1][k]] for k in ("reward_task", "reward_cal", "seq_kl_target", "kl_anchor")} if train else {},
-           "n_eval": {t: len(r) for t, r in held.items()}}
+           "n_eval": {t: len(r) for t, r in held.items()}, "merge_lost_share": merge_lost}
 common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
 print(f"done: acc {summary['acc']} | seq_kl_target {before['seq_kl_target']:.2f} -> {after['seq_kl_target']:.2f} | "
       f"wrote {args.out_dir}/{{adapter,merged,ckpt,summary.json}}", flush=True)

@@ -261,6 +261,25 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+@torch.no_grad()
+def lora_merge_loss(model, adapter="default"):
+    """Share of a peft LoRA's weight change that merging it into the base weights' dtype rounds away:
+    ||round(W + dW) - W - dW|| / ||dW|| over all LoRA linears (Frobenius; dW = scaling * B @ A in
+    fp32). A bf16 weight keeps 8 significant bits, so an update smaller than half a unit in the last
+    place of W vanishes from a bf16 merge: small-lr RL on a bf16 teacher can lose much of what it
+    learned in merged/, which every later stage loads. 0 up to fp32 rounding for an fp32 base."""
+    lost2 = total2 = 0.0
+    for mod in model.modules():
+        if adapter not in getattr(mod, "lora_A", {}):
+            continue
+        w = mod.get_base_layer().weight
+        d = (mod.lora_B[adapter].weight.float() @ mod.lora_A[adapter].weight.float()) * mod.scaling[adapter]
+        d = d.T if getattr(mod, "fan_in_fan_out", False) else d
+        lost2 += ((w.float() + d).to(w.dtype).float() - w.float() - d).pow(2).sum().item()
+        total2 += d.pow(2).sum().item()
+    return math.sqrt(lost2 / total2) if total2 > 0 else 0.0
+
+
 # -----------------------------------------------------------------------------
 # tasks: registry, loaders, prompts, answer extraction, grading (DESIGN 5)
 

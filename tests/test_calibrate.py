@@ -171,6 +171,7 @@ def test_three_step_run_writes_every_output_and_merged_reloads(full_run, tiny_di
     assert s["lam"] == -1.0 and set(s["acc"]["original"]) == set(s["acc"]["calibrated"]) == {"toy_math"}
     assert all(0 <= v <= 1 for d in s["acc"].values() for v in d.values())
     assert math.isfinite(s["seq_kl_target"]["original"]) and math.isfinite(s["seq_kl_target"]["calibrated"])
+    assert 0 <= s["merge_lost_share"] < 1e-3  # an fp32 teacher keeps its whole update in merged/
     assert json.loads((out / "config.json").read_text())["lam"] == -1.0
     # merged/ is a plain HF folder equal to teacher + adapter, and the LoRA actually moved
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
@@ -198,3 +199,37 @@ def test_interrupted_run_resumes_with_the_same_next_loss(full_run, tiny_dirs, ti
     for k in ("loss", "reward_task", "reward_cal", "kl_anchor"):
         assert got[2][k] == pytest.approx(want[2][k], abs=1e-5), k
     assert json.loads((out / "summary.json").read_text())["acc"] == json.loads((full_run / "summary.json").read_text())["acc"]
+
+
+def test_lora_merge_loss_predicts_what_a_bf16_merge_rounds_away():
+    """The share of the LoRA update lost in merge_and_unload: ~0 for an fp32 base; for a bf16 base it
+    matches the loss measured on an actual merge, large for a small update and small for a large one."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    from tests.conftest import tiny_llama
+
+    def lora(dtype, scale):
+        base = tiny_llama(64, hidden=64).to(dtype)
+        m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        for mod in m.modules():  # B @ A of a chosen size relative to W (~0.1 per entry in these random weights)
+            if "default" in getattr(mod, "lora_B", {}):
+                mod.lora_B["default"].weight.data.mul_(scale)
+        return m
+
+    def measured(m):  # ||merged - W - dW|| / ||dW||, from the weights an actual merge writes
+        base = {n: p.detach().float().clone() for n, p in m.named_parameters() if "base_layer.weight" in n}
+        deltas = {n: (mod.lora_B["default"].weight.float() @ mod.lora_A["default"].weight.float()) * mod.scaling["default"]
+                  for n, mod in m.named_modules() if "default" in getattr(mod, "lora_A", {})}
+        merged = dict(copy.deepcopy(m).merge_and_unload().named_parameters())
+        lost2 = tot2 = 0.0
+        for n, d in deltas.items():
+            w_new = merged[n.replace("base_model.model.", "") + ".weight"].float()
+            lost2 += (w_new - base[n + ".base_layer.weight"] - d).pow(2).sum().item()
+            tot2 += d.pow(2).sum().item()
+        return math.sqrt(lost2 / tot2)
+
+    assert C.lora_merge_loss(lora(torch.float32, 1e-3)) < 1e-4
+    small, large = lora(torch.bfloat16, 1e-4), lora(torch.bfloat16, 1.0)
+    assert C.lora_merge_loss(small) > 0.5 and C.lora_merge_loss(large) < 0.05
+    for m in (small, large):
+        assert C.lora_merge_loss(m) == pytest.approx(measured(m), rel=0.15, abs=0.01)
