@@ -79,7 +79,6 @@ p.add_argument("--cal_length_norm", action="store_true", help="divide each side 
 p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")
 p.add_argument("--prompts_per_step", type=int, default=6, help="prompts per step (batch = this x group_size)")
 p.add_argument("--max_new_tokens", type=int, default=96, help="rollout length limit")
-p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (1.0: the policy itself)")
 # optimization
 p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (2e-3 lost 0.2 toy_math accuracy)")
@@ -184,18 +183,20 @@ def lora_request(step):
 
 
 def rollouts(rows, n, seed, greedy, step, use_lora=True):
-    """n samples per row from theta (or the original teacher with use_lora=False): flat, prompt-major."""
+    """n samples per row from theta (or the original teacher with use_lora=False): flat, prompt-major.
+    Temperature 1, no top-k/top-p: the policy itself, which REINFORCE and the K3 anchor score (samples
+    at another temperature would make the update off-policy)."""
     prompts = [common.build_prompt(tok, t, r) for t, r in rows]
     if engine is not None:
-        return prompts, common.generate(None, tok, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        return prompts, common.generate(None, tok, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=1.0,
                                         greedy=greedy, seed=seed, backend="vllm", engine=engine,
                                         lora_request=lora_request(step) if use_lora else None)
     if use_lora:
         return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                                        temperature=args.temperature, greedy=greedy, seed=seed)
+                                        temperature=1.0, greedy=greedy, seed=seed)
     with model.disable_adapter():
         return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                                        temperature=args.temperature, greedy=greedy, seed=seed)
+                                        temperature=1.0, greedy=greedy, seed=seed)
 
 
 def target_seq_logprobs(rows, samples):

@@ -101,6 +101,9 @@ if args.lmbda is None:
     args.lmbda = {"sft": 0.0, "fkl": 0.0, "rkl": 1.0, "jsd": 0.5}[args.method]
 if not 0 <= args.lmbda <= 1 or not 0 <= args.beta <= 1:
     common.die(f"--lmbda {args.lmbda} and --beta {args.beta} must lie in [0, 1]")
+if args.lmbda > 0 and args.temperature != 1.0:  # the divergence scores the student at T=1: samples at T would be off-policy
+    common.die(f"--temperature {args.temperature} with on-policy batches (--lmbda {args.lmbda}): the loss compares the models at "
+               "temperature 1, so student samples at another temperature are not on-policy; use 1.0 (or --lmbda 0)")
 if args.method == "sft" and args.lmbda > 0:
     common.die("--method sft trains on teacher samples only; --lmbda must be 0 (use rkl/jsd for on-policy)")
 if args.gold and args.method != "sft":
@@ -296,7 +299,7 @@ if "acc_before" not in summary:
     acc0, per0 = evaluate()
     summary = {"method": args.method, "teacher": args.teacher, "student": args.student, "acc_before": per0, "acc_before_mean": acc0}
     common.atomic_write_json(summary_path, summary)
-    print(f"step 0 | acc {acc0:.3f} {per0} | eval {time.time() - t0:.1f}s", flush=True)
+    print(f"step 0 | acc {'n/a' if acc0 is None else f'{acc0:.3f}'} {per0} | eval {time.time() - t0:.1f}s", flush=True)
 
 # ----------------------------------------------------------------------------- loop
 t_loop, last_saved = time.time(), start

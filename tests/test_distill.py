@@ -142,6 +142,12 @@ def test_topk_with_reverse_kl_fails_clearly(tiny_dirs, data, tmp_path):
         assert r.returncode == 2 and "--topk with reverse KL" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+def test_on_policy_batches_at_another_temperature_are_refused(tiny_dirs, data, tmp_path):
+    """The divergence scores the student at T=1, so its samples must be drawn at T=1 to be on-policy."""
+    r = run(tiny_dirs, data, tmp_path / "x", "--method", "rkl", "--temperature", "0.7", check=False)
+    assert r.returncode == 2 and "not on-policy" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_rkl_reduces_reverse_kl_to_teacher(tiny_dirs, data, tmp_path):
     """A few on-policy RKL steps lower the token reverse KL(s||t) on a fixed set of sequences."""
     out = tmp_path / "rkl"
