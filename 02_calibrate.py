@@ -46,6 +46,10 @@ Departures from the paper and why:
   colocated engine is created once with LoRA enabled, and each step the current adapter is saved and
   passed as a new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU
   build (BACKEND=vllm SMOKE=1 bash run_all.sh); it has not been run on a GPU yet.
+- --micro_batch k and --grad_ckpt are for real models (PRESET=qwen3/gemma3 pass 8 and on): the
+  128 rollouts of a step do not fit one backward pass of an 8B teacher. Advantages come from whole
+  groups first, then each slice adds its part divided by the batch's token count, so the gradient
+  is the whole batch's (a toy run with --micro_batch 5 --grad_ckpt matches the default to 1e-7).
 - The paper's LoRA rank/alpha/lr are for 8B models; the toy defaults here are chosen to move the
   toy teacher within ~1 minute (measured, see below).
 """
@@ -85,6 +89,9 @@ p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of th
 p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
 p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
 p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r)")
+p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward, gradients accumulated exactly "
+               "(0: the whole batch; real models: a few)")
+p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the teacher's trunk (real models)")
 p.add_argument("--lora_targets", type=common.csv_list, default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                help="module names that get a LoRA")
 # eval, checkpoints, runtime
@@ -118,6 +125,7 @@ if device.type == "cpu" and args.threads:
     torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 P, G = args.prompts_per_step, args.group_size
+MB = args.micro_batch or P * G
 for t in args.tasks:
     if common.task_kind(t) == "open":
         common.die(f"task {t} is open-ended (no grader); 02_calibrate needs verifiable tasks (math or mc)")
@@ -135,6 +143,8 @@ missing = [t for t in args.lora_targets if t not in names]
 if missing:
     common.die(f"--lora_targets {','.join(missing)} not in the teacher; its linear layers include "
                f"{', '.join(sorted(n for n in names if n.endswith('proj')))}")
+if args.grad_ckpt:  # recompute the trunk in backward; HF skips it in eval mode, so rollouts keep their KV cache
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                         target_modules=args.lora_targets, task_type="CAUSAL_LM"))
 lora_params = [q for q in model.parameters() if q.requires_grad]
@@ -275,18 +285,39 @@ while step < args.steps:
     model.train()
     ids, am, cm = common.make_batch(tok, [prompts[s["i"]] for s in samples], [s["ids"] for s in samples], device)
     cm = cm.float()
-    logp_BT = common.completion_logprobs(model, ids, am, cm, args.chunk)  # grad flows into the LoRA
-    with torch.no_grad(), model.disable_adapter():  # the anchor: same weights, LoRA off
-        ref_BT = common.completion_logprobs(model, ids, am, cm, args.chunk)
-    seq_theta_B = (logp_BT.detach() * cm).sum(-1)
+    # row slices of --micro_batch sequences (one slice by default), each cut to its own longest row
+    sl = [(slice(a, a + MB), int(am[a:a + MB].sum(1).max())) for a in range(0, len(samples), MB)]
+    logp_BT = common.completion_logprobs(model, ids, am, cm, args.chunk) if len(sl) == 1 else None  # grad into the LoRA
+    with torch.no_grad():
+        if logp_BT is None:  # theta's sequence log-probs for r_cal first; the graded passes follow per slice
+            seq_theta_B = torch.cat([(common.completion_logprobs(model, ids[r, :L], am[r, :L], cm[r, :L], args.chunk) * cm[r, :L]).sum(-1)
+                                     for r, L in sl])
+        else:
+            seq_theta_B = (logp_BT.detach() * cm).sum(-1)
+        with model.disable_adapter():  # the anchor: same weights, LoRA off
+            ref_BT = torch.zeros_like(cm)
+            for r, L in sl:
+                ref_BT[r, :L] = common.completion_logprobs(model, ids[r, :L], am[r, :L], cm[r, :L], args.chunk)
     seq_tgt_B, n_tgt_B = target_seq_logprobs(rows, samples)
     n_theta_B = cm.sum(-1)
     r_cal_B = (common.calibration_reward(seq_tgt_B, seq_theta_B, n_tgt_B, n_theta_B) if args.cal_length_norm
                else common.calibration_reward(seq_tgt_B, seq_theta_B))
-    loss, parts = common.calibration_loss(logp_BT, ref_BT, cm, r_task_B, r_cal_B.cpu(), args.lam, args.beta, G)
-
+    if not torch.isfinite(r_cal_B).all():
+        common.die(f"non-finite calibration reward at step {step + 1} (a model gives a sampled token probability 0: check its "
+                   f"dtype and logits); the last good checkpoint in {args.out_dir}/ckpt is kept")
+    # Algorithm 1's loss (common.calibration_loss), accumulated over the slices: advantages from the whole
+    # groups, every part divided by the whole batch's token count, so the summed gradient is exact
+    adv_B = common.combine_advantages(r_task_B, r_cal_B.cpu(), args.lam, G).to(device)
+    n_tok = cm.sum()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, parts = torch.zeros((), device=device), {"pg": 0.0, "kl": 0.0}
+    for r, L in sl:
+        lp = logp_BT if logp_BT is not None else common.completion_logprobs(model, ids[r, :L], am[r, :L], cm[r, :L], args.chunk)
+        pg = common.reinforce_loss(lp, cm[r, :L], adv_B[r], n_tokens=n_tok)
+        kl = common.k3_kl(lp, ref_BT[r, :L], cm[r, :L], n_tokens=n_tok)
+        (pg + args.beta * kl).backward()
+        loss, parts = loss + (pg + args.beta * kl).detach(), {"pg": parts["pg"] + pg.detach(), "kl": parts["kl"] + kl.detach()}
+    model.eval()  # rollouts next: HF turns the KV cache off for a model that trains with --grad_ckpt
     gnorm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
     if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
         common.die(f"non-finite at step {step + 1}: loss {loss.item()}, grad norm {gnorm.item()}, "

@@ -1182,21 +1182,23 @@ def combine_advantages(r_task, r_cal, lam, group_size):
     return group_normalize(r_task, group_size) + lam * group_normalize(r_cal, group_size)
 
 
-def reinforce_loss(logp_BT, mask_BT, adv_B):
+def reinforce_loss(logp_BT, mask_BT, adv_B, n_tokens=None):
     """-(sum_i A_i * sum_t log p(y_it)) / (total completion tokens in the batch). The reward is a
-    constant (detached advantages); one update per fresh batch, so no importance ratio."""
-    return -(adv_B.detach()[:, None] * logp_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+    constant (detached advantages); one update per fresh batch, so no importance ratio. n_tokens:
+    the whole batch's count when this is one micro-batch of it (the parts then sum to the whole)."""
+    n = mask_BT.sum().clamp(min=1) if n_tokens is None else n_tokens
+    return -(adv_B.detach()[:, None] * logp_BT * mask_BT).sum() / n
 
 
-def k3_kl(logp_BT, logp_ref_BT, mask_BT):
+def k3_kl(logp_BT, logp_ref_BT, mask_BT, n_tokens=None):
     """Per-token K3 estimate of KL(theta||ref) on tokens sampled from theta (Schulman 2020):
     r = p_ref/p_theta, k3 = r - 1 - log r >= 0, unbiased, mean over completion tokens. As a loss term
     (differentiated directly, as GRPO does and DESIGN 4 asks) its expected gradient, (1 - r) grad log
     p_theta under theta's samples, is that of KL(ref||theta), not KL(theta||ref): the anchor pulls
-    theta to cover ref's mass; the logged value is still KL(theta||ref)."""
+    theta to cover ref's mass; the logged value is still KL(theta||ref). n_tokens: as in reinforce_loss."""
     lr = logp_ref_BT - logp_BT
     k3 = lr.exp() - 1 - lr
-    return (k3 * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+    return (k3 * mask_BT).sum() / (mask_BT.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
 def calibration_reward(seq_logp_target_B, seq_logp_theta_B, n_target_B=None, n_theta_B=None):

@@ -58,7 +58,7 @@ if [ "$PRESET" != toy ]; then  # the paper's tasks (Tables 1-3); students train 
   GEN=(--max_new_tokens 2048 --backend vllm); RM=(--reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B)
   # Our choices for real models (the paper's learning rates, LoRA rank and step counts are not in its text):
   # a LoRA teacher at 1e-5, full-weight students at 1e-6 (TRL's DistillationConfig default), 8 rollouts per prompt.
-  REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 400 --prompts_per_step 16 --group_size 8)
+  REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 400 --prompts_per_step 16 --group_size 8 --micro_batch 8 --grad_ckpt)
   REAL03=(--lr 1e-6 --steps 500 --batch_size 32 --n_prompts 4000 --micro_batch 4 --grad_ckpt)
 fi
 

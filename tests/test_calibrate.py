@@ -47,6 +47,31 @@ def test_lam0_beta0_is_plain_reinforce_on_task_reward():
     assert abs(l_lam.item() - want.item()) > 1e-3 and abs(l_beta.item() - want.item()) > 1e-3
 
 
+def test_micro_batched_parts_sum_to_the_calibration_loss_and_its_gradient():
+    """02's --micro_batch: advantages from the whole groups, each slice's reinforce + beta * K3 divided by
+    the whole batch's token count; the parts' values and gradients sum to calibration_loss's exactly."""
+    torch.manual_seed(1)
+    B, T, G, V = 6, 5, 3, 7
+    logits = torch.randn(B, T, V, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    mask = (torch.rand(B, T) > 0.3).float()
+    r_task, r_cal, ref = torch.tensor([1.0, 0, 1, 0, 0, 1]), torch.randn(B) * 5, torch.randn(B, T) - 2
+
+    def logp():
+        return logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+    whole, _ = C.calibration_loss(logp(), ref, mask, r_task, r_cal, lam=0.7, beta=0.3, group_size=G)
+    g_whole, = torch.autograd.grad(whole, logits)
+    adv, n = C.combine_advantages(r_task, r_cal, 0.7, G), mask.sum()
+    total, g_parts = 0.0, torch.zeros_like(logits)
+    for r in (slice(0, 4), slice(4, 6)):  # slices that cut a group in two
+        lp = logp()[r]
+        part = C.reinforce_loss(lp, mask[r], adv[r], n_tokens=n) + 0.3 * C.k3_kl(lp, ref[r], mask[r], n_tokens=n)
+        g_parts += torch.autograd.grad(part, logits)[0]
+        total += part.item()
+    assert total == pytest.approx(whole.item(), abs=1e-6)
+    assert torch.allclose(g_parts, g_whole, atol=1e-7) and g_whole.abs().sum() > 0
+
+
 def test_calibration_loss_by_hand_with_zero_variance_groups():
     """Two groups of 4. Group 1: r_task (1,0,0,0), r_cal (0,1,2,3). Group 2: r_task all 1 and r_cal
     all 5 (zero variance: no signal, zero advantage, no NaN). lam = -1, beta = 0.1. One token per
@@ -182,6 +207,16 @@ def test_three_step_run_writes_every_output_and_merged_reloads(full_run, tiny_di
         lm, lp, lb = merged(x).logits, peft_m(x).logits, base(x).logits
     assert torch.allclose(lm, lp, atol=1e-4)
     assert (lm - lb).abs().max() > 1e-4
+
+
+def test_micro_batches_with_checkpointing_train_like_the_whole_batch(full_run, tiny_dirs, tiny_data, tmp_path):
+    """--micro_batch 4 --grad_ckpt (the real presets' memory switches) give the same steps as the default."""
+    _run(tiny_dirs, tiny_data, tmp_path / "mb", "--steps", "3", "--micro_batch", "4", "--grad_ckpt")
+    want = [m for m in C.read_jsonl(full_run / "metrics.jsonl") if "eval" not in m]
+    got = [m for m in C.read_jsonl(tmp_path / "mb" / "metrics.jsonl") if "eval" not in m]
+    for w, g in zip(want, got):
+        for k in ("loss", "reward_cal", "kl_anchor", "grad_norm", "len"):
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (w["step"], k)
 
 
 def test_interrupted_run_resumes_with_the_same_next_loss(full_run, tiny_dirs, tiny_data, tmp_path):
