@@ -97,9 +97,18 @@ if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meani
     args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.target_hidden = 64, 2, 64, 1, 32
     args.teacher_steps = args.student_steps = args.target_steps = 6
     args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
-
+bad_roles = set(args.roles.split(",")) - {"teacher", "student", "target"}
+if bad_roles:
+    common.die(f"--roles {args.roles}: {','.join(sorted(bad_roles))} is not a role; choose from teacher,student,target")
+for flag in ("warmup", "log_every", "batch_size"):
+    if getattr(args, flag) < 1:
+        common.die(f"--{flag} {getattr(args, flag)}: must be at least 1")
 
 common.write_config(args.out_dir, args)
+# summary.json is run_all.sh's "stage done" file: a rerun rewrites data/ and models first, so an old
+# summary must not survive a kill halfway and mark a mixed world as done
+if os.path.exists(os.path.join(args.out_dir, "summary.json")):
+    os.remove(os.path.join(args.out_dir, "summary.json"))
 common.seed_everything(args.seed)
 T = {}  # seconds per phase
 t0 = time.time()
@@ -317,6 +326,8 @@ def encode(tok, task, row):
 # ----------------------------------------------------------------------------- training
 def batches(examples, bs, steps, seed):
     """Shuffle each epoch, sort by length inside chunks of 16 batches, shuffle the batches."""
+    if len(examples) < bs:  # no full batch in an epoch: the loop below would never end
+        common.die(f"--batch_size {bs} is more than the {len(examples)} training rows; lower it or make more data")
     g, out = random.Random(seed), []
     while len(out) < steps:
         idx = list(range(len(examples)))

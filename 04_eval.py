@@ -29,7 +29,7 @@ same path is sampled anew.
     # real: --models ...=Qwen/Qwen3-8B,... --tasks bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa,dolly,vicuna \
     #       --max_new_tokens 4096 --reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B --backend vllm
 
-Writes config.json (first), metrics.jsonl (one line per model x task), samples/, <table>.json
+Writes config.json (first; config_table3.json with --table table3), metrics.jsonl (one line per model x task), samples/, <table>.json
 (DESIGN 9 rows plus extra keys) and <table>.md (rows grouped like the paper's Table 2, columns =
 tasks, cells `acc [maj, pass]`, rm_score for open tasks; a second table with the intervals).
 
@@ -96,7 +96,8 @@ open_tasks = [t for t in args.tasks if common.task_kind(t) == "open"]
 if open_tasks and not args.reward_model:
     common.die(f"tasks {', '.join(open_tasks)} are open-ended and need --reward_model (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B)")
 
-common.write_config(args.out_dir, args)
+# table3 runs into table2's folder (sharing its samples): its own config file, so table2's is kept
+common.write_config(args.out_dir, args, "config.json" if args.table == "table2" else f"config_{args.table}.json")
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
 if args.threads > 0:

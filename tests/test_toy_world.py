@@ -122,3 +122,16 @@ def test_student_knowledge_gap(world, tmp_path):
     assert stu["toy_qa"] == sum(r["meta"]["entity"] in known for r in qa) < tea["toy_qa"] == len(qa)
     assert stu["toy_math"] == tea["toy_math"] == len(read_jsonl(gap / "data" / "toy_math" / "train.jsonl"))
     assert (gap / "data" / "toy_qa" / "train.jsonl").read_bytes() == (world / "data" / "toy_qa" / "train.jsonl").read_bytes()
+
+
+def test_bad_settings_stop_with_one_line_and_no_done_file(tmp_path):
+    """A typo in --roles used to build nothing and still write summary.json (run_all.sh's done file); a
+    batch larger than the data used to loop forever. Both stop before any training, in one line."""
+    for extra, msg in ((["--roles", "teachr"], "not a role"), (["--batch_size", "100000", "--roles", "teacher"], "training rows")):
+        r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(tmp_path / "w"), "--smoke", *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "w" / "summary.json").exists()
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(tmp_path / "afile"), "--smoke"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
