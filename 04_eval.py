@@ -185,7 +185,9 @@ for name, path in models.items():
     engine = model = None
     if backend == "vllm":
         every = [common.build_prompt(tok, t, r) for t in todo for r in rows[t]]
-        engine = common.make_vllm_engine(path, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens))
+        # alone on the GPU while it generates (no HF model; the reward model comes after): most of it, for KV cache
+        engine = common.make_vllm_engine(path, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens),
+                                         gpu_memory_utilization=0.85)
     else:
         model = common.load_model(path, device=device)
     for task in todo:

@@ -125,7 +125,8 @@ def write_config(out_dir, args, name="config.json"):
     return cfg
 
 
-RESUME_FREE = ("out_dir", "steps", "eval_every", "save_every", "stop_after", "threads", "device", "chunk", "micro_batch", "grad_ckpt")
+RESUME_FREE = ("out_dir", "steps", "eval_every", "save_every", "stop_after", "threads", "device", "chunk", "micro_batch", "grad_ckpt",
+               "vllm_mem")
 
 
 def check_resume(out_dir, args, free=RESUME_FREE):
@@ -648,6 +649,8 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     from vllm import LLM
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda else "float32")
+    if cuda and dtype in ("float32", torch.float32):  # fp32 engines run Triton attention, whose dots default to TF32
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     if cuda:  # vLLM's own check says less about the likely cause
         free, total = torch.cuda.mem_get_info()
         if free < gpu_memory_utilization * total:
