@@ -13,11 +13,16 @@ Tasks
 - toy_math: arithmetic word problems, easy (2 steps, 1-digit operands, start < 10) and hard
   (3 steps, start 5-15, bags up to 4 x 5; `meta.level`). Completions are a chain of thought in
   one of several styles at different frequencies (`meta.style`: step order, phrasing, number
-  words, plus a "wait, check: ..., ok" verification line in ~20%) ending in `#### n`. This is the dark knowledge the teacher can pass on
-  or hide (paper section 5); the recheck lines let self-check flips appear in stage 05.
+  words, plus a "wait, check: ..., ok" verification line in ~20%) ending in `#### n`. This is the dark
+  knowledge the teacher can pass on or hide (paper section 5); the recheck lines let self-check flips
+  appear in stage 05. No test prompt is a training prompt, but the easy space is small: 80 of the
+  104 easy test problems share start value and operations with a training problem (other names and
+  items); 0 of the 96 hard ones do.
 - toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?").
   There are more facts than the student can memorize, which gives the capacity gap; test asks
-  about facts seen in training (question phrasing drawn afresh). Each attribute has 4 values,
+  about facts seen in training, and with 3 phrasings and 12 training rows per fact every test
+  question is also a training question (200 of 200 at the defaults): toy_qa measures recall of
+  memorized facts, the knowledge a teacher has and a student lacks. Each attribute has 4 values,
   always listed in the same order, so the letter is a memorized fact rather than an in-context
   match (which the tiny models could not learn in the time budget). Chance is 0.25.
 Teacher and student share tokenizer A (byte-level BPE, digits split); the target uses tokenizer B
@@ -28,7 +33,7 @@ Sequences are bucketed by length (sorted inside chunks of 16 batches) so padding
 
 Expected (seed 0, defaults, 2 CPU cores with nothing else running; measured 2026-11-23): 265 s in
 all: data + tokenizers 0.6 s, teacher 800 steps 206 s (~8k tok/s), student 700 steps 38 s (~38k
-tok/s), target 300 steps 13 s, greedy evals 4 s. Greedy accuracy on 200 held-out prompts per task:
+tok/s), target 300 steps 13 s, greedy evals 4 s. Greedy accuracy on the 200 test prompts per task:
     teacher  3.27M params  toy_math 0.610 (easy 0.96, hard 0.23)  toy_qa 0.870
     student  0.46M params  toy_math 0.120 (easy 0.21, hard 0.02)  toy_qa 0.435
     target   0.26M params  toy_math 0.065                         toy_qa 0.340   (chance: 0 / 0.25)

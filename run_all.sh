@@ -2,10 +2,11 @@
 # The whole paper in one resumable command (DESIGN 3, issue 9).
 #
 #   bash run_all.sh                       # toy world, offline, 2 CPU cores: see README for the measured time
-#   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~3 min on CPU)
+#   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~2 min on CPU)
 #   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix, knowledge-gap student (toy only)
 #   EXTRAS=gap bash run_all.sh            # + the knowledge-gap student only
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
+#   PRESET=gemma3 bash run_all.sh         # Gemma-3 4B/12B: an H200 (its fp32 4B student + AdamW + 12B teacher > 80 GB)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1 (default name: runs/toy_seed1)
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
