@@ -20,7 +20,7 @@ Tasks
   items); 0 of the 96 hard ones do.
 - toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?").
   There are more facts than the student can memorize, which gives the capacity gap; test asks
-  about facts seen in training, and with 3 phrasings and 12 training rows per fact every test
+  about facts seen in training, and with 2 phrasings and 12 training rows per fact every test
   question is also a training question (200 of 200 at the defaults): toy_qa measures recall of
   memorized facts, the knowledge a teacher has and a student lacks. Each attribute has 4 values,
   always listed in the same order, so the letter is a memorized fact rather than an in-context
@@ -64,12 +64,12 @@ import common  # noqa: E402  (build_prompt, grade, generate: one definition for 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out_dir", required=True, help="where everything is written")
 p.add_argument("--seed", type=int, default=0, help="data, tokenizers, init and batch order")
-p.add_argument("--smoke", action="store_true", help="tiny everything (~20 s), for tests")
+p.add_argument("--smoke", action="store_true", help="tiny everything (~20 s), for tests; overrides the size, step and vocab flags")
 # data
 p.add_argument("--math_train", type=int, default=4000, help="toy_math train problems")
-p.add_argument("--math_hard_frac", type=float, default=0.4, help="fraction of hard (3-4 step) problems")
+p.add_argument("--math_hard_frac", type=float, default=0.4, help="fraction of hard (3-step, larger operands) problems")
 p.add_argument("--qa_entities", type=int, default=40, help="invented countries; facts = 5 x this")
-p.add_argument("--qa_repeats", type=int, default=12, help="train questions per fact (fresh options)")
+p.add_argument("--qa_repeats", type=int, default=12, help="train questions per fact (one of 2 phrasings at random; options in a fixed order)")
 p.add_argument("--n_test", type=int, default=200, help="test prompts per task")
 p.add_argument("--check_frac", type=float, default=0.2, help="completions with a 'wait, check' line")
 # tokenizers
