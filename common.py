@@ -36,7 +36,9 @@ def die(msg):
 
 
 def parse_args(parser, argv=None):
-    """argparse with the project's conventions: unknown flags are an error with a hint."""
+    """argparse with the project's conventions: unknown flags are an error with a hint; a bad value
+    ('--method kl', '--seed one') is one line too, not argparse's usage block."""
+    parser.error = lambda msg: die(f"{msg} (python {parser.prog} --help lists the options)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = sorted(a for act in parser._actions for a in act.option_strings if a.startswith("--"))

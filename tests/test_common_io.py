@@ -197,6 +197,12 @@ def test_atomic_writes_and_unknown_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         C.parse_args(ap, ["--learning_rate", "0.1"])
     assert "--learning_rate" in capsys.readouterr().err
+    ap.add_argument("--method", choices=["sft", "rkl"], default="sft")
+    for bad in (["--method", "kl"], ["--lr", "fast"]):  # argparse's own errors: one line, no usage block
+        with pytest.raises(SystemExit):
+            C.parse_args(ap, bad)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: argument") and "\n" not in err and "usage:" not in err
 
 
 # -----------------------------------------------------------------------------
