@@ -207,6 +207,8 @@ def default_dtype(device):
 
 
 def _not_found(name_or_path, err):
+    if name_or_path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+        return f"no such folder '{name_or_path}'; pass a Hugging Face model folder (e.g. runs/toy/00_toy_world/teacher) or a hub id"
     if os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")):
         return f"cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); is it a Hugging Face folder with config.json?"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
