@@ -288,6 +288,18 @@ for t in ttasks:
                f"paired differences {' / '.join(f'{d:+.3f} [{lo:+.3f}, {hi:+.3f}]' for d, (lo, hi) in diffs.values())}): "
                + (f"yes ({', '.join(up)})" if up else "no: at this distillation budget there is no signal for the knob to act on")
                + (f"; lowers it: {', '.join(down)}" if down else ""))
+# Table 3 (paper 6.3): calibrated on math only, the trap persists out of distribution (OOD) and across (CD)
+t3 = load("04_eval/table3.json", [])
+for t in sorted({r["task"] for r in t3}):
+    a = {m: acc(t3, m, t) for m in ("teacher", "undistillable_ood", "student", "misled_ood", "misled_cd")}
+    if any(v is None for v in a.values()):
+        continue
+    pd = lambda x, y: diff_str(paired(x, y, t))
+    out.append(f"- Table 3, {t}: undistillable (OOD) teacher at most 0.05 below the teacher: {a['undistillable_ood']:.3f} vs "
+               f"{a['teacher']:.3f} -> {'yes' if a['undistillable_ood'] >= a['teacher'] - 0.05 else 'no'} "
+               f"({pd('undistillable_ood', 'teacher')}); misled (OOD) below the student: {a['misled_ood']:.3f} vs {a['student']:.3f} -> "
+               f"{'yes' if a['misled_ood'] < a['student'] else 'no'} ({pd('misled_ood', 'student')}); misled (CD) below the student: "
+               f"{a['misled_cd']:.3f} -> {'yes' if a['misled_cd'] < a['student'] else 'no'} ({pd('misled_cd', 'student')})")
 # Table 4 (paper 6.4): distillable teachers lower token RKL and the wrong-trace preference, undistillable ones raise both
 by01 = {v: {r["task"]: r for r in rows} for v, rows in t1.items()}
 for t in tasks:
