@@ -219,17 +219,6 @@ def evaluate():
     return (float(np.mean(vals)) if vals else None), acc
 
 
-def hf_weights_view():
-    """What vllm_sync_weights pushes: the student in plain HF naming (LoRA merged for the copy)."""
-    if not args.lora:
-        return student
-    student.merge_adapter()
-    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.clone()
-          for k, v in student.state_dict().items() if "lora_" not in k}
-    student.unmerge_adapter()
-    return type("W", (), {"state_dict": lambda self: sd})()
-
-
 def save_ckpt(step, state):
     """Trainable weights (all of them, or the LoRA adapter), optimizer, step, RNG, cursors; one
     file written as tmp then renamed, so a kill mid-save keeps the previous checkpoint."""
@@ -290,7 +279,7 @@ if backend == "vllm":  # colocated student engine, created once, weights pushed 
     engine = common.make_vllm_engine(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_mem,
                                      max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
     if start:
-        common.vllm_sync_weights(engine, hf_weights_view())
+        common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
 
 summary_path = os.path.join(args.out_dir, "summary.json")
 summary = {}
@@ -340,7 +329,7 @@ for step in range(start + 1, args.steps + 1):
                    f"{good}; lower --lr or check the models")
     opt.step()
     if engine is not None:
-        common.vllm_sync_weights(engine, hf_weights_view())
+        common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
     row = {"step": step, "loss": loss, "kl": loss if BETA is not None else None, "len": mean_len,
            "onpolicy": onpolicy, "grad_norm": gnorm.item()}
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

@@ -710,10 +710,20 @@ def _worker_load_weights(worker, weights):
 
 def vllm_sync_weights(engine, model):
     """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
-    vLLM's reload_weights takes (name, tensor) pairs in HF naming. Then the prefix cache is emptied: its
-    blocks hold keys and values computed with the old weights, which the same prompts would reuse."""
-    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-    engine.collective_rpc(_worker_load_weights, args=(weights,))
+    vLLM's reload_weights takes (name, tensor) pairs in HF naming. A peft LoRA model is merged for the
+    push and unmerged after, under its base model's names (no copy: the engine copies the tensors).
+    Then the prefix cache is emptied: its blocks hold keys and values computed with the old weights,
+    which the same prompts would reuse."""
+    lora = hasattr(model, "merge_adapter") and hasattr(model, "unmerge_adapter")  # peft, not a plain HF model
+    if lora:
+        model.merge_adapter()
+    try:
+        weights = [(name.replace("base_model.model.", "").replace(".base_layer", ""), p.detach())
+                   for name, p in model.state_dict().items() if not (lora and "lora_" in name)]
+        engine.collective_rpc(_worker_load_weights, args=(weights,))
+    finally:
+        if lora:
+            model.unmerge_adapter()
     if not engine.reset_prefix_cache():
         die("vLLM could not reset its prefix cache after a weight push (requests still running?)")
 

@@ -158,6 +158,17 @@ def test_greedy_matches_hf_and_weight_push(setup, tok):
     assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
 
 
+def test_weight_push_of_a_lora_model_is_its_merge(setup, tok):
+    """03 --lora pushes a peft model: merged for the push under the base model's names, unmerged after."""
+    from peft import LoraConfig, get_peft_model
+    engine, model, prompts = setup
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    assert_push_reaches_greedy(engine, model, pm, tok, prompts)  # the engine now answers as base + adapter
+    assert not any(getattr(m, "merged", False) for m in pm.modules())  # the adapter is separate again
+    C.vllm_sync_weights(engine, model)  # leave the engine as the other tests expect it
+    assert greedy_ids("vllm", None, tok, prompts, engine) == greedy_ids("hf", model, tok, prompts, None)
+
+
 def test_a_request_longer_than_the_engine_stops_clearly(setup, tok):
     engine, _, prompts = setup
     with pytest.raises(SystemExit):
