@@ -305,7 +305,7 @@ while step < args.steps:
     if not torch.isfinite(r_cal_B).all():
         common.die(f"non-finite calibration reward at step {step + 1} (a model gives a sampled token probability 0: check its "
                    f"dtype and logits); the last good checkpoint in {args.out_dir}/ckpt is kept")
-    # Algorithm 1's loss (common.calibration_loss), accumulated over the slices: advantages from the whole
+    # Algorithm 1's loss (common.calibration_loss) accumulated over the slices: advantages from the whole
     # groups, every part divided by the whole batch's token count, so the summed gradient is exact
     adv_B = common.combine_advantages(r_task_B, r_cal_B.cpu(), args.lam, G).to(device)
     n_tok = cm.sum()
@@ -313,10 +313,9 @@ while step < args.steps:
     loss, parts = torch.zeros((), device=device), {"pg": 0.0, "kl": 0.0}
     for r, L in sl:
         lp = logp_BT if logp_BT is not None else common.completion_logprobs(model, ids[r, :L], am[r, :L], cm[r, :L], args.chunk)
-        pg = common.reinforce_loss(lp, cm[r, :L], adv_B[r], n_tokens=n_tok)
-        kl = common.k3_kl(lp, ref_BT[r, :L], cm[r, :L], n_tokens=n_tok)
-        (pg + args.beta * kl).backward()
-        loss, parts = loss + (pg + args.beta * kl).detach(), {"pg": parts["pg"] + pg.detach(), "kl": parts["kl"] + kl.detach()}
+        part, pg, kl = common.calibration_loss_part(lp, ref_BT[r, :L], cm[r, :L], adv_B[r], args.beta, n_tokens=n_tok)
+        part.backward()
+        loss, parts = loss + part.detach(), {"pg": parts["pg"] + pg, "kl": parts["kl"] + kl}
     model.eval()  # rollouts next: HF turns the KV cache off for a model that trains with --grad_ckpt
     gnorm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
     if not (torch.isfinite(loss) and torch.isfinite(gnorm)):

@@ -1238,9 +1238,17 @@ def calibration_loss(logp_BT, logp_ref_BT, mask_BT, r_task_B, r_cal_B, lam, beta
     sequence log-prob, plus beta * the per-token K3 anchor to the reference (LoRA off).
     (B, T) x3, (B,), (B,) -> scalar loss, dict of detached parts (pg, kl, adv)."""
     adv_B = combine_advantages(r_task_B, r_cal_B, lam, group_size).to(logp_BT.device)
-    pg = reinforce_loss(logp_BT, mask_BT, adv_B)
-    kl = k3_kl(logp_BT, logp_ref_BT.detach(), mask_BT)
-    return pg + beta * kl, {"pg": pg.detach(), "kl": kl.detach(), "adv": adv_B}
+    loss, pg, kl = calibration_loss_part(logp_BT, logp_ref_BT, mask_BT, adv_B, beta)
+    return loss, {"pg": pg, "kl": kl, "adv": adv_B}
+
+
+def calibration_loss_part(logp_BT, logp_ref_BT, mask_BT, adv_B, beta, n_tokens=None):
+    """calibration_loss on rows whose advantages were computed from their whole groups: reinforce + beta * K3.
+    n_tokens: the whole batch's token count when these rows are one micro-batch of it, so the parts'
+    losses and gradients sum to the whole batch's. -> loss, detached pg, detached kl."""
+    pg = reinforce_loss(logp_BT, mask_BT, adv_B, n_tokens)
+    kl = k3_kl(logp_BT, logp_ref_BT.detach(), mask_BT, n_tokens)
+    return pg + beta * kl, pg.detach(), kl.detach()
 
 
 # -----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_micro_batched_parts_sum_to_the_calibration_loss_and_its_gradient():
     total, g_parts = 0.0, torch.zeros_like(logits)
     for r in (slice(0, 4), slice(4, 6)):  # slices that cut a group in two
         lp = logp()[r]
-        part = C.reinforce_loss(lp, mask[r], adv[r], n_tokens=n) + 0.3 * C.k3_kl(lp, ref[r], mask[r], n_tokens=n)
+        part, _, _ = C.calibration_loss_part(lp, ref[r], mask[r], adv[r], 0.3, n_tokens=n)
         g_parts += torch.autograd.grad(part, logits)[0]
         total += part.item()
     assert total == pytest.approx(whole.item(), abs=1e-6)
