@@ -9,6 +9,7 @@ section that checks the paper's claims against this run's numbers. The threshold
 are stated next to each verdict; they are fixed here and never tuned to a run.
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -33,6 +34,7 @@ def load(path, default=None, root=None):
         return default
 
 
+@functools.lru_cache(maxsize=None)  # the checks ask for the same model's file many times
 def per_prompt(model, task, sub="04_eval"):
     """{prompt index: accuracy over its k samples} of one model from stage 04's samples, or None. Stage 04
     evaluates every model on the same prompts (same n_prompts and seed), so indices pair up across models."""
@@ -291,7 +293,10 @@ for t in ttasks:
 # Table 3 (paper 6.3): calibrated on math only, the trap persists out of distribution (OOD) and across (CD)
 t3 = load("04_eval/table3.json", [])
 for t in sorted({r["task"] for r in t3}):
-    a = {m: acc(t3, m, t) for m in ("teacher", "undistillable_ood", "student", "misled_ood", "misled_cd")}
+    # run_all.sh suffixes the CD students with their task when there are several OOD tasks (real presets)
+    cd = lambda m: m if acc(t3, m, t) is not None else f"{m}_{t}"
+    a = {m: acc(t3, m, t) for m in ("teacher", "undistillable_ood", "student", "misled_ood")}
+    a["misled_cd"], rkl_cd = acc(t3, cd("misled_cd"), t), cd("rkl_cd")
     if any(v is None for v in a.values()):
         continue
     pd = lambda x, y: diff_str(paired(x, y, t))
@@ -299,11 +304,11 @@ for t in sorted({r["task"] for r in t3}):
                f"{a['teacher']:.3f} -> {'yes' if a['undistillable_ood'] >= a['teacher'] - 0.05 else 'no'} "
                f"({pd('undistillable_ood', 'teacher')}); misled (OOD) below the student: {a['misled_ood']:.3f} vs {a['student']:.3f} -> "
                f"{'yes' if a['misled_ood'] < a['student'] else 'no'} ({pd('misled_ood', 'student')}); misled (CD) below the student: "
-               f"{a['misled_cd']:.3f} -> {'yes' if a['misled_cd'] < a['student'] else 'no'} ({pd('misled_cd', 'student')})")
-    for m, c in (("misled_ood", "rkl_ood"), ("misled_cd", "rkl_cd")):  # the same distillation from the original teacher
+               f"{a['misled_cd']:.3f} -> {'yes' if a['misled_cd'] < a['student'] else 'no'} ({pd(cd('misled_cd'), 'student')})")
+    for m, name, c in (("misled_ood", "misled_ood", "rkl_ood"), ("misled_cd", cd("misled_cd"), rkl_cd)):  # same distillation, original teacher
         if acc(t3, c, t) is not None:
-            out.append(f"  - {m} below its control {c} (same distillation, original teacher): {a[m]:.3f} vs {acc(t3, c, t):.3f} -> "
-                       f"{'yes' if a[m] < acc(t3, c, t) else 'no'} ({pd(m, c)})")
+            out.append(f"  - {name} below its control {c} (same distillation, original teacher): {a[m]:.3f} vs {acc(t3, c, t):.3f} -> "
+                       f"{'yes' if a[m] < acc(t3, c, t) else 'no'} ({pd(name, c)})")
 # Table 4 (paper 6.4): distillable teachers lower token RKL and the wrong-trace preference, undistillable ones raise both
 by01 = {v: {r["task"]: r for r in rows} for v, rows in t1.items()}
 for t in tasks:

@@ -45,3 +45,21 @@ def test_paired_differences_and_verdicts(tmp_path):
     assert "yes (rkl)" in line and "+0.250 [+0.250, +0.250]" in line
     line = next(x for x in rep.splitlines() if x.startswith("- undistillable teacher keeps"))
     assert "-> yes" in line and "paired difference +0.000 [+0.000, +0.000], within noise" in line
+
+
+def test_table3_checks_find_task_suffixed_cd_students(tmp_path):
+    """Real presets have several OOD tasks, and run_all.sh names each one's CD student misled_cd_<task>."""
+    run, P = str(tmp_path / "run"), 20
+    table3 = []
+    for t in ("csqa", "mmlu_pro"):
+        for m, a in (("teacher", 0.8), ("undistillable_ood", 0.8), ("student", 0.5), ("misled_ood", 0.25),
+                     ("rkl_ood", 0.25), (f"misled_cd_{t}", 0.0), (f"rkl_cd_{t}", 0.5)):
+            table3.append(write_model(run, m, t, np.full(P, a)))
+    C.atomic_write_json(os.path.join(run, "04_eval", "table3.json"), table3)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "--run", run], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = open(os.path.join(run, "REPORT.md")).read()
+    for t in ("csqa", "mmlu_pro"):
+        line = next(x for x in rep.splitlines() if x.startswith(f"- Table 3, {t}:"))
+        assert "misled (CD) below the student: 0.000 -> yes (paired difference -0.500 [-0.500, -0.500], beyond noise)" in line
+        assert f"  - misled_cd_{t} below its control rkl_cd_{t} (same distillation, original teacher): 0.000 vs 0.500 -> yes" in rep
