@@ -102,9 +102,10 @@ if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meani
     args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.target_hidden = 64, 2, 64, 1, 32
     args.teacher_steps = args.student_steps = args.target_steps = 6
     args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
-bad_roles = set(args.roles.split(",")) - {"teacher", "student", "target"}
+ROLES = {"teacher": "A", "student": "A", "target": "B"}  # each model and its tokenizer
+bad_roles = set(args.roles.split(",")) - set(ROLES)
 if bad_roles:
-    common.die(f"--roles {args.roles}: {','.join(sorted(bad_roles))} is not a role; choose from teacher,student,target")
+    common.die(f"--roles {args.roles}: {','.join(sorted(bad_roles))} is not a role; choose from {','.join(ROLES)}")
 for flag in ("warmup", "log_every", "batch_size"):
     if getattr(args, flag) < 1:
         common.die(f"--{flag} {getattr(args, flag)}: must be at least 1")
@@ -361,7 +362,7 @@ def collate(examples, ids, pad_id):
 
 
 def train_model(role, tok, hidden, layers, steps, lr):
-    torch.manual_seed(args.seed * 1000 + ["teacher", "student", "target"].index(role))  # own init per role
+    torch.manual_seed(args.seed * 1000 + list(ROLES).index(role))  # own init per role
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                       intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_attention_heads=max(2, hidden // 64),
                       num_key_value_heads=max(2, hidden // 64), max_position_embeddings=512, tie_word_embeddings=True,
@@ -417,7 +418,6 @@ def evaluate(model, tok):
 
 
 # ----------------------------------------------------------------------------- run
-ROLES = {"teacher": "A", "student": "A", "target": "B"}
 summary = {"models": {}}
 for role, tk in ROLES.items():
     if role not in args.roles.split(","):

@@ -29,9 +29,10 @@ same path is sampled anew.
     # real: --models ...=Qwen/Qwen3-8B,... --tasks bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa,dolly,vicuna \
     #       --max_new_tokens 4096 --reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B --backend vllm
 
-Writes config.json (first; config_table3.json with --table table3), metrics.jsonl (one line per model x task), samples/, <table>.json
-(DESIGN 9 rows plus extra keys) and <table>.md (rows grouped like the paper's Table 2, columns =
-tasks, cells `acc [maj, pass]`, rm_score for open tasks; a second table with the intervals).
+Writes config.json (first; config_table3.json with --table table3), metrics.jsonl (one line per
+model x task), samples/, <table>.json (DESIGN 9 rows plus extra keys) and <table>.md (rows grouped
+like the paper's Table 2, columns = tasks, cells `acc [maj, pass]`, rm_score for open tasks; a
+second table with the intervals).
 
 Expected on the toy world: the 9 Table-2 models x 2 tasks x 64 prompts x 16 samples (18,432
 completions) take 58 s on 2 CPU cores to itself (seed 0, 2026-11-23); Table 3 (5 models, toy_qa,

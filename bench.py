@@ -546,9 +546,11 @@ def bench_gpu():
         ph.append(np.diff(t)), lens.append(cm.sum(1).float().mean().item())
     ph, L = np.array(ph[args.warmup:]), float(np.mean(lens[args.warmup:]))
     ours_s = float(np.median(ph.sum(1)))
+    mem = peak_gb()
+    if dev.type == "cuda":
+        mem += f" (torch tensors, the in-process engine's {args.gpu_mem_util:.0%} share included)" if engine else " (torch tensors)"
     table.insert(0, (f"**ours step** (03 rkl, {backend} generation in the loop, chunked RKL, AdamW, weight push)", ours_s,
-                     B * L / ours_s, peak_gb() + ("" if dev.type != "cuda" else " (torch tensors" + (
-                         f", the in-process engine's {args.gpu_mem_util:.0%} share included)" if engine else ")"))))
+                     B * L / ours_s, mem))
     gen_s, train_s, push_s = np.median(ph, 0)
     table.insert(1, (f"&nbsp; ours: generate ({backend}, in the loop)", gen_s, B * L / gen_s,
                      f"{alone['gen_s'] / gen_s:.0%} of standalone vLLM speed" if alone else ""))

@@ -1354,8 +1354,9 @@ RECHECK = re.compile(r"\b(?:(?:wait|hold on|let me (?:verify|check|double[- ]che
 
 def final_answer_marked(task, text):
     """Did the completion commit to a final answer in some recognised scheme ('#### x', \\boxed{x},
-    'the answer is x'; for mc also whatever extract_answer reads, e.g. 'Answer: C')? Stricter than extract_answer, whose last-number fallback finds an 'answer'
-    in almost any math text; this is the 'no final answer' detector's test."""
+    'the answer is x'; for mc also whatever extract_answer reads, e.g. 'Answer: C')? Stricter than
+    extract_answer, whose last-number fallback finds an 'answer' in almost any math text; this is the
+    'no final answer' detector's test."""
     kind = task_kind(task)
     if kind == "open":
         return bool(text.strip())
