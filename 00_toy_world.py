@@ -399,21 +399,21 @@ def train_model(role, tok, hidden, layers, steps, lr):
 
 # ----------------------------------------------------------------------------- eval
 def greedy(model, tok, prompts, max_new):
-    return [o["text"] for o in common.generate(model, tok, prompts, n=1, max_new_tokens=max_new,
-                                               greedy=True, batch_size=args.eval_batch)]
+    return common.generate(model, tok, prompts, n=1, max_new_tokens=max_new, greedy=True, batch_size=args.eval_batch)
 
 
 def evaluate(model, tok):
     acc, samples = {}, {}
     for task, (tr, te) in DATA.items():
         longest = max(len(tok(r["completion"])["input_ids"]) for r in tr)
-        texts = greedy(model, tok, [common.build_prompt(tok, task, r) for r in te], longest + 8)
-        acc[task] = round(sum(bool(common.grade(task, s, r)) for s, r in zip(texts, te)) / len(te), 4)
+        outs = greedy(model, tok, [common.build_prompt(tok, task, r) for r in te], longest + 8)
+        ok = [bool(common.grade(task, o["text"], r, o["finished"])) for o, r in zip(outs, te)]
+        acc[task] = round(sum(ok) / len(te), 4)
         if task == "toy_math":  # split by level: the hard level is where the student should break
             for lv in ("easy", "hard"):
-                sel = [bool(common.grade(task, s, r)) for s, r in zip(texts, te) if r["meta"]["level"] == lv]
+                sel = [g for g, r in zip(ok, te) if r["meta"]["level"] == lv]
                 acc[f"toy_math_{lv}"] = round(sum(sel) / max(1, len(sel)), 4)
-        samples[task] = texts[0]
+        samples[task] = outs[0]["text"]
     return acc, samples
 
 

@@ -206,7 +206,7 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
     common.atomic_write_json(cache_path, {"key": key, "samples": {t: gens[t, name] for t in args.tasks}})
 for (task, name), xs in gens.items():  # graded here, not cached: the tables follow the current grader
     for x in xs:
-        x["correct"] = common.grade(task, x["text"], datas[task][x["i"]])
+        x.update(common.grade_record(task, x["text"], datas[task][x["i"]], x["finished"]))
 
 # ----------------------------------------------------------------------------- loop over tasks: scoring
 rows, rollout_rows, tails = [], [], {}
@@ -241,8 +241,9 @@ for task in args.tasks:
            "offpolicy_token_rkl": None, "offpolicy_token_fkl": None,
            "onpolicy_token_rkl_per_seq": None, "onpolicy_token_fkl_per_seq": None, "offpolicy_token_rkl_per_seq": None,
            "forking_share": None, "tail_spearman_signed": None, "tail_spearman_member": None,
-           "acc_student": None if is_open else float(np.mean([x["correct"] for x in gen_s])),
-           "acc_teacher": None if is_open else float(np.mean([x["correct"] for x in gen_t])),
+           **{f"{k}_{who}": None if is_open and k != "finished" else float(np.mean([x[rec] for x in g]))
+              for who, g in (("student", gen_s), ("teacher", gen_t))
+              for k, rec in (("acc", "correct"), ("acc_lenient", "correct_lenient"), ("finished", "finished"), ("no_answer", "no_answer"))},
            "len_student": float(sc_s["n_tok"].mean()), "len_teacher": float(sc_t["n_tok"].mean()),
            "n_prompts": len(data), "n_samples": args.n_samples, "note": note}
     if vocab is not None:
@@ -261,9 +262,13 @@ for task in args.tasks:
     for src, g, sc in (("student", gen_s, sc_s), ("teacher", gen_t, sc_t)):
         for j, x in enumerate(g):
             rollout_rows.append({"task": task, "i": x["i"], "source": src, "text": x["text"], "finished": x["finished"],
-                                 "correct": x["correct"], "n_tokens": int(sc["n_tok"][j]), "ids": x["ids"],
+                                 "correct": x["correct"], "correct_lenient": x["correct_lenient"], "no_answer": x["no_answer"],
+                                 "n_tokens": int(sc["n_tok"][j]), "ids": x["ids"],
                                  "seq_logp_student": float(sc["lp_s"][j]), "seq_logp_teacher": float(sc["lp_t"][j])})
-    m = {"task": task, "acc_s": row["acc_student"], "acc_t": row["acc_teacher"], "tok_rkl": row["onpolicy_token_rkl"],
+    for who in ("student", "teacher"):
+        common.warn_cutoffs(f"{who} {task}", row[f"finished_{who}"], args.max_new_tokens)
+    m = {"task": task, "acc_s": row["acc_student"], "acc_t": row["acc_teacher"], "fin_s": row["finished_student"],
+         "fin_t": row["finished_teacher"], "tok_rkl": row["onpolicy_token_rkl"],
          "tok_fkl": row["onpolicy_token_fkl"], "seq_rkl": row["onpolicy_seq_rkl"], "wtp": wtp,
          "is": off["is_mean"], "k3": off["k3_mean"], "fork": row["forking_share"], "rho_all": (row["tail_spearman"] or {}).get("all"),
          "gen_s": f"{t_gen:.1f}", "time_s": f"{t_gen + time.time() - t0:.1f}"}
@@ -274,7 +279,11 @@ for task in args.tasks:
 common.write_jsonl(os.path.join(args.out_dir, "rollouts.jsonl"), rollout_rows)
 
 LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
-    ("Accuracy student / teacher", None),
+    ("Accuracy student / teacher (strict: finished, explicit final answer)", None),
+    ("Accuracy student / teacher, lenient (last number; cut-offs count)", "acc_lenient"),
+    ("Finished before the token limit, student / teacher", "finished"),
+    ("No final answer, student / teacher", "no_answer"),
+    ("Mean completion tokens, student / teacher", "len"),
     ("On-policy token RKL (per token)", "onpolicy_token_rkl"), ("On-policy token FKL (per token)", "onpolicy_token_fkl"),
     ("Off-policy token RKL (per token, teacher samples)", "offpolicy_token_rkl"),
     ("Off-policy token FKL (per token, teacher samples)", "offpolicy_token_fkl"),
@@ -291,6 +300,8 @@ LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
 def cell(r, key):
     if key is None:
         return f"{fnum(r['acc_student'])} / {fnum(r['acc_teacher'])}"
+    if key in ("acc_lenient", "finished", "no_answer", "len"):
+        return f"{fnum(r[key + '_student'], 1 if key == 'len' else 3)} / {fnum(r[key + '_teacher'], 1 if key == 'len' else 3)}"
     if isinstance(key, tuple):
         return f"{fnum((r['tail_spearman'] or {}).get(key[1]))} / {fnum((r['tail_spearman_member'] or {}).get(key[1]))}"
     if key == "onpolicy_seq_rkl":

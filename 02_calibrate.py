@@ -2,7 +2,7 @@
 Teacher calibration (paper section 5, Eq. 6-11, Algorithm 1, appendix D): a LoRA on the teacher
 trained by hand-written REINFORCE on a composite reward. Per prompt, group_size rollouts from the
 teacher+LoRA are scored with
-    r_task = grade(completion) in {0, 1}
+    r_task = grade(completion) in {0, 1}                      (strict: finished, explicit final answer)
     r_cal  = sg(log p_target(y|x) - log p_theta(y|x))      (Eq. 10-11, sequence sums)
 each side by its own model on its own tokenization of the same prompt and completion text, so the
 target may use a different tokenizer. Advantages A = gn(r_task) + lam * gn(r_cal), each reward
@@ -224,7 +224,7 @@ def evaluate(step, tag, use_lora=True):
     for t, rs in held.items():
         rows = [(t, r) for r in rs]
         _, gs = rollouts(rows, 1, seed=10**6, greedy=True, step=step, use_lora=use_lora)
-        res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r) for s, (_, r) in zip(gs, rows)]))
+        res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(gs, rows)]))
         prompts, ss = rollouts(rows, 1, seed=10**6 + 1, greedy=False, step=step, use_lora=use_lora)
         ids, am, cm = common.make_batch(tok, prompts, [s["ids"] for s in ss], device)
         with torch.no_grad(), (contextlib.nullcontext() if use_lora else model.disable_adapter()):
@@ -280,7 +280,8 @@ while step < args.steps:
     cursor += P
     # each step's rollouts get their own seed derived from (seed, step): reruns and resumes agree
     prompts, samples = rollouts(rows, G, seed=args.seed * 1_000_003 + step, greedy=False, step=step)
-    r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1])) for s in samples])
+    # strict: a rollout cut off at --max_new_tokens, or with no final-answer marker, earns no task reward
+    r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1], s["finished"])) for s in samples])
 
     model.train()
     ids, am, cm = common.make_batch(tok, [prompts[s["i"]] for s in samples], [s["ids"] for s in samples], device)

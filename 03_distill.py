@@ -213,7 +213,7 @@ def evaluate():
                            backend=backend, engine=engine)
     acc = {}
     for task in args.tasks:
-        g = [common.grade(task, o["text"], test[o["i"]]["row"]) for o in outs if test[o["i"]]["task"] == task]
+        g = [common.grade(task, o["text"], test[o["i"]]["row"], o["finished"]) for o in outs if test[o["i"]]["task"] == task]
         acc[task] = float(np.mean(g)) if g and g[0] is not None else None
     vals = [a for a in acc.values() if a is not None]
     return (float(np.mean(vals)) if vals else None), acc

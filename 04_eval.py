@@ -141,10 +141,10 @@ def reusable(name, task):
     if len(s) != len(qs) * args.k or any(x["i"] >= len(qs) or x.get("question") != qs[x["i"]] for x in s):
         print(f"note: {path} was made with other prompts or another k; resampling")
         return None
-    before = [(x["answer"], x["correct"]) for x in s]
+    before = json.dumps(s)
     for x in s:  # graded again: the tables (and 05, which reads these files) follow the current grader
-        x["answer"], x["correct"] = common.extract_answer(task, x["completion"]), common.grade(task, x["completion"], x["row"])
-    if [(x["answer"], x["correct"]) for x in s] != before:
+        x.update(common.grade_record(task, x["completion"], x["row"], x["finished"]))
+    if json.dumps(s) != before:
         common.write_jsonl(path, s)
     return s
 
@@ -202,10 +202,8 @@ for name, path in models.items():
         for j, o in enumerate(outs):
             r = rows[task][o["i"]]
             s.append({"i": o["i"], "j": j % args.k, "question": common.format_question(task, r),
-                      "row": {k: r[k] for k in ("prompt", "answer", "choices") if k in r},
-                      "completion": o["text"], "answer": common.extract_answer(task, o["text"]),
-                      "correct": common.grade(task, o["text"], r), "finished": o["finished"], "n_tokens": len(o["ids"]),
-                      "rm_raw": None})
+                      "row": {k: r[k] for k in ("prompt", "answer", "choices") if k in r}, "completion": o["text"],
+                      **common.grade_record(task, o["text"], r, o["finished"]), "n_tokens": len(o["ids"]), "rm_raw": None})
         common.write_jsonl(sample_path(name, task), s)
         common.atomic_write_json(sample_path(name, task)[:-len(".jsonl")] + ".meta.json", sample_meta(name, task))
         samples[(name, task)] = s
@@ -214,6 +212,7 @@ for name, path in models.items():
         m = {"model": name, "task": task, "n": len(s), "secs": round(secs, 2), "tok_per_s": round(n_tok / secs, 1),
              "mean_tokens": round(n_tok / len(s), 1), "finished": round(np.mean([x["finished"] for x in s]), 4)}
         print(" | ".join(f"{k} {v}" for k, v in m.items()), flush=True)
+        common.warn_cutoffs(f"{name} {task}", m["finished"], args.max_new_tokens)
         common.append_jsonl(metrics_path, m)
     del model, engine
     common.release_memory()  # the next model must fit where this one was
@@ -247,7 +246,7 @@ for name in models:
         base, method = labels.get(name, ("", name))
         row = {"model": name, "task": task, "k": args.k, "n_prompts": len({x["i"] for x in s}), "label": method, "base": base,
                "acc": None, "acc_ci": None, "maj": None, "maj_ci": None, "pass": None, "pass_ci": None,
-               "rm_score": None, "rm_score_ci": None, "rm_raw": None,
+               "rm_score": None, "rm_score_ci": None, "rm_raw": None, "acc_lenient": None, "no_answer": None,
                "finished": float(np.mean([x["finished"] for x in s])), "mean_tokens": float(np.mean([x["n_tokens"] for x in s]))}
         if task in open_tasks:
             by = {}
@@ -261,6 +260,8 @@ for name in models:
             for key, v in (("acc", acc_P), ("maj", maj_P), ("pass", pass_P)):
                 row[key] = float(v.mean())
                 row[key + "_ci"] = common.bootstrap_ci(v, args.n_boot, args.seed)
+            row["acc_lenient"] = float(np.mean([x["correct_lenient"] for x in s]))
+            row["no_answer"] = float(np.mean([x["no_answer"] for x in s]))
         table.append(row)
 
 # paper Table 2 order: teacher side (teacher, distillable, undistillable), then student side
@@ -280,7 +281,7 @@ def render(table, tasks):
     cell = {(r["model"], r["task"]): r for r in table}
     k = table[0]["k"]
     head = "| Base | Method | " + " | ".join(tasks) + " |\n|---|---|" + "---|" * len(tasks) + "\n"
-    out = [f"acc [maj@{k}, pass@{k}] over {table[0]['n_prompts']} prompts x {k} samples; open tasks: reward-model score "
+    out = [f"strict acc [maj@{k}, pass@{k}] over {table[0]['n_prompts']} prompts x {k} samples; open tasks: reward-model score "
            f"(mean sigmoid of the RM logit)\n\n" + head]
     teacher_side = {"teacher", "original", "distillable", "undistillable"}
     prev = None
@@ -294,6 +295,17 @@ def render(table, tasks):
         for t in tasks:
             r = cell[(n, t)]
             cs.append(f"{r['rm_score']:.3f}" if r["acc"] is None else f"{r['acc']:.3f} [{r['maj']:.3f}, {r['pass']:.3f}]")
+        out.append(f"| {base} | {method} | " + " | ".join(cs) + " |\n")
+    out.append("\nHow the completions ended: `lenient acc | finished | no final answer | mean tokens`. Strict acc (above) needs "
+               "a finished completion with an explicit final answer; lenient also reads the last number, cut-offs included\n\n" + head)
+    for n in names:
+        base, method = labels.get(n, ("", n))
+        cs = []
+        for t in tasks:
+            r = cell[(n, t)]
+            lead = "-" if r["acc_lenient"] is None else f"{r['acc_lenient']:.3f}"
+            na = "-" if r["no_answer"] is None else f"{r['no_answer']:.3f}"
+            cs.append(f"{lead} \\| {r['finished']:.3f} \\| {na} \\| {r['mean_tokens']:.0f}")
         out.append(f"| {base} | {method} | " + " | ".join(cs) + " |\n")
     out.append("\n95% bootstrap intervals over prompts (acc; rm_score for open tasks)\n\n" + head)
     for n in names:

@@ -7,6 +7,7 @@ Shape suffixes in comments: B batch, T time (tokens), V vocabulary, N flattened 
 G group size, P prompts.
 """
 import argparse
+import errno
 import functools
 import gc
 import hashlib
@@ -29,16 +30,70 @@ import torch.nn.functional as F
 # config and I/O
 
 
+class BadInput(ValueError):
+    """Something the user passed (a flag, a path, a data file, a model) cannot work. The message names
+    the problem and the fix. Library code raises it; a stage prints it as one line (cli_errors)."""
+
+
 def die(msg):
-    """One clear line naming the problem and the fix, then exit(2). Nothing half-written."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """Report a bad input by raising BadInput: a stage prints `error: msg` and exits 2 (cli_errors), a
+    notebook or another project gets an exception it can catch. Nothing is half-written: every file
+    here is written atomically."""
+    raise BadInput(msg)
+
+
+# OSError numbers a user can act on, with the fix; anything else keeps its traceback
+_OS_FIX = {errno.EROFS: "the file system is read-only: pass a writable --out_dir",
+           errno.EACCES: "permission denied: pass a folder you can write to, or fix its permissions",
+           errno.EPERM: "operation not permitted: pass a folder you can write to, or fix its permissions",
+           errno.ENOSPC: "no space left on the device: free some space or pass an --out_dir on another disk; "
+                         "what was written before is intact and a rerun resumes",
+           errno.EDQUOT: "disk quota exceeded: free some space or pass an --out_dir on another disk; "
+                         "what was written before is intact and a rerun resumes",
+           errno.ENAMETOOLONG: "a path is too long: use a shorter --out_dir",
+           errno.EISDIR: "a folder stands where a file is expected: pass a file path",
+           errno.ENOTDIR: "a file stands where a folder is expected: pass a folder",
+           errno.EEXIST: "a file stands where a folder is needed: move it away or pass another path"}
+
+
+def error_line(err):
+    """The one line a stage prints for an exception a user can act on, or None for a bug (which keeps
+    its traceback). TG_TRACEBACK=1 shows every traceback."""
+    if os.environ.get("TG_TRACEBACK") == "1":
+        return None
+    if isinstance(err, BadInput):
+        return f"error: {err}"
+    if isinstance(err, OSError) and err.errno in _OS_FIX:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "a file"
+        return f"error: {where}: {os.strerror(err.errno)} (errno {errno.errorcode[err.errno]}); {_OS_FIX[err.errno]}"
+    if isinstance(err, KeyboardInterrupt):
+        return "error: interrupted; what was written is intact, and a rerun with the same flags resumes"
+    return None
+
+
+def cli_errors():
+    """Make this process a command-line stage: an uncaught BadInput, actionable OSError or Ctrl-C
+    prints one line (error_line) and exits 2; any other exception prints its traceback as usual."""
+    def hook(kind, err, tb):
+        line = error_line(err)
+        if line is None:
+            return sys.__excepthook__(kind, err, tb)
+        sys.stdout.flush()
+        print(line, file=sys.stderr, flush=True)
+        os._exit(2)  # an excepthook cannot choose the exit status otherwise (the interpreter would use 1)
+    sys.excepthook = hook
 
 
 def parse_args(parser, argv=None):
     """argparse with the project's conventions: unknown flags are an error with a hint; a bad value
-    ('--method kl', '--seed one') is one line too, not argparse's usage block."""
-    parser.error = lambda msg: die(f"{msg} (python {parser.prog} --help lists the options)")
+    ('--method kl', '--seed one') is one line too, not argparse's usage block. Called with argv=None
+    (a stage's command line) it also installs cli_errors."""
+    if argv is None:
+        cli_errors()
+
+    def error(msg):
+        raise BadInput(f"{msg} (python {parser.prog} --help lists the options)")
+    parser.error = error
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = sorted(a for act in parser._actions for a in act.option_strings if a.startswith("--"))
@@ -475,29 +530,33 @@ def _emphasis_free(text):
     return re.sub(r"\*{1,3}|(?<!\w)_{1,2}|_{1,2}(?!\w)", "", text)
 
 
-# multiple choice: each pattern's group(s) hold the letter; the match that ends last in the text wins
-_MC_PATS = [re.compile(p, re.M) for p in (
+# multiple choice: each pattern's group(s) hold the letter; the match that ends last in the text wins.
+# The first three are explicit final-answer markers; the last (a line that is only a letter) is read leniently only.
+_MC_MARKED = [re.compile(p, re.M) for p in (
     # 'the answer is (c)', 'Answer: C', 'the answer is option (C)', '(B' cut off; not 'Answer A is wrong because'
     r"(?i:answer)\s*(?:(?i:is)\s*:?|:)\s*(?:(?i:option|choice)\s*)?(?:\(([a-p])\)|\(?([A-P])(?![A-Za-z]))",
     r"####\s*\(?([A-P])\)?",
-    r"\\boxed\{(?:\\text\{)?\(?([A-P])\)?\}",
-    r"^\s*\(?([A-P])\)?[.)]?\s*$")]  # a line that is only a letter
+    r"\\boxed\{(?:\\text\{)?\(?([A-P])\)?\}")]
+_MC_LENIENT = _MC_MARKED + [re.compile(r"^\s*\(?([A-P])\)?[.)]?\s*$", re.M)]  # a line that is only a letter
 
 
-def extract_answer(task, text):
+def extract_answer(task, text, lenient=False):
     """The final answer as a string, or None.
-    math: the last answer marker in the text, '####' (what follows it on its line) or \\boxed{}; with
-    no marker, 'the answer is X'; else the last number. A marker commits: if what follows is empty,
-    the answer is None (never a number from before it). The answer string is math_value's.
-    mc: the letter of the last 'the answer is (C)' / 'Answer: C' / '#### C' / \\boxed{C} / a line that
-    is only a letter, Markdown emphasis ignored. A bare letter counts in upper case only ('the answer
-    is a dog' names no option). open: the stripped text."""
+    Strict (the default, the headline grade): only an explicit final-answer marker counts.
+    math: the last marker in the text, '####' (what follows it on its line) or \\boxed{}; else 'the answer
+    is X'. A marker commits: if nothing follows it, the answer is None. The string is math_value's.
+    mc: the letter of the last 'the answer is (C)' / 'Answer: C' / '#### C' / \\boxed{C}, Markdown
+    emphasis ignored; a bare letter counts in upper case only ('the answer is a dog' names no option).
+    lenient=True (lm-eval's 'flexible' reading, reported beside the strict one): math with no marker
+    falls back to the last number in the text, mc also takes a line that is only a letter. On a
+    completion cut off at the token limit that reading can find the right number mid-computation.
+    open: the stripped text."""
     kind = task_kind(task)
     if kind == "open":
         return text.strip()
     if kind == "mc":
         t = _emphasis_free(text)
-        last = max((m for p in _MC_PATS for m in p.finditer(t)), key=lambda m: m.end(), default=None)
+        last = max((m for p in (_MC_LENIENT if lenient else _MC_MARKED) for m in p.finditer(t)), key=lambda m: m.end(), default=None)
         return None if last is None else "".join(g for g in last.groups() if g).upper()
     marks = [(m.start(), "####") for m in re.finditer("####", text)] + [(m.start(), "boxed") for m in re.finditer(r"\\boxed", text)]
     if marks:  # the last marker decides: a '#### Step 2' heading before a \boxed{} answer does not
@@ -510,7 +569,9 @@ def extract_answer(task, text):
     m = re.findall(r"answer is\s*:?\s*\$?(" + _NUM + ")", text, flags=re.I)
     if m:
         return math_value(m[-1])
-    nums = re.findall(_NUM, text)  # no marker at all: the last number, as gsm8k graders do
+    if not lenient:
+        return None
+    nums = re.findall(_NUM, text)  # lenient: no marker at all, the last number (gsm8k's flexible graders)
     return math_value(nums[-1]) if nums else None
 
 
@@ -575,13 +636,18 @@ def _same_number(a, b):
         return False
 
 
-def grade(task, text, row):
-    """True if the completion's final answer matches row['answer']. For mc the answer may be a
-    letter or the option text. Open-ended tasks have no grader (use a reward model): None."""
+def grade(task, text, row, finished=True, lenient=False):
+    """True if the completion's final answer matches row['answer']; for mc the answer may be a letter or
+    the option text. Strict (the default, the headline grade): the completion finished before the token
+    limit (`finished`, as generate() reports it) and commits its answer with an explicit marker
+    (extract_answer). lenient=True is the flexible reading reported beside it: no marker needed (the
+    last number), and a cut-off completion counts too. Open-ended tasks have no grader: None."""
     kind = task_kind(task)
     if kind == "open":
         return None
-    pred = extract_answer(task, text)
+    if not (finished or lenient):
+        return False
+    pred = extract_answer(task, text, lenient)
     if pred is None:
         return False
     if kind == "mc":
@@ -591,6 +657,23 @@ def grade(task, text, row):
         return pred == gold.upper()
     gold = math_value(str(row["answer"]))  # numbers compare by value, anything else by its canonical spelling
     return gold is not None and (pred == gold or _same_number(pred, gold))
+
+
+def warn_cutoffs(what, finished_share, max_new_tokens, limit=0.2):
+    """One warning line when more than `limit` of a model's completions hit the token limit: its strict
+    accuracy then measures truncation more than the task."""
+    if finished_share is not None and 1 - finished_share > limit:
+        print(f"warning: {what}: {1 - finished_share:.0%} of completions were cut off at {max_new_tokens} new tokens "
+              f"(strict grading gives them no credit); raise --max_new_tokens", flush=True)
+
+
+def grade_record(task, text, row, finished):
+    """Everything the tables report about one completion: the strict answer and grade (headline), the
+    lenient ones (second column), whether it finished, and whether it committed no final answer."""
+    ans = extract_answer(task, text)
+    return {"answer": ans, "correct": grade(task, text, row, finished), "answer_lenient": extract_answer(task, text, lenient=True),
+            "correct_lenient": grade(task, text, row, finished, lenient=True), "finished": bool(finished),
+            "no_answer": None if task_kind(task) == "open" else ans is None}
 
 
 # -----------------------------------------------------------------------------
@@ -1353,16 +1436,12 @@ RECHECK = re.compile(r"\b(?:(?:wait|hold on|let me (?:verify|check|double[- ]che
 
 
 def final_answer_marked(task, text):
-    """Did the completion commit to a final answer in some recognised scheme ('#### x', \\boxed{x},
-    'the answer is x'; for mc also whatever extract_answer reads, e.g. 'Answer: C')? Stricter than
-    extract_answer, whose last-number fallback finds an 'answer' in almost any math text; this is the
-    'no final answer' detector's test."""
-    kind = task_kind(task)
-    if kind == "open":
+    """Did the completion commit to a final answer with an explicit marker ('#### x', \\boxed{x}, 'the
+    answer is x'; for mc also 'Answer: C')? The strict extract_answer finding something: the 'no final
+    answer' detector's test. Open tasks: any text."""
+    if task_kind(task) == "open":
         return bool(text.strip())
-    if kind == "mc" and extract_answer(task, text) is not None:  # every scheme the grader reads ('Answer: C' too)
-        return True
-    return bool(re.search(r"####\s*\S|\\boxed\{|answer is\s*:?\s*\S", text, flags=re.I))
+    return extract_answer(task, text) is not None
 
 
 def repetition_loop(task, text, min_repeats=4, max_span=32, min_units=8):
@@ -1401,9 +1480,9 @@ def self_check_flip(task, text, row):
     if final is None:
         return None
     for m in RECHECK.finditer(text):
-        pre = text[:m.start()]
-        mid = extract_answer(task, pre)
-        if mid is not None and mid != final and grade(task, pre, row):
+        pre = text[:m.start()]  # no marker there yet: read leniently, the last computed value
+        mid = extract_answer(task, pre, lenient=True)
+        if mid is not None and mid != final and grade(task, pre, row, lenient=True):
             return {"cut": m.start(), "intermediate": mid, "final": final}
     return None
 

@@ -70,8 +70,8 @@ def test_continuation_correct():
     pre = FLIP[:FLIP.index("wait")]  # ends on the correct intermediate 61, no answer committed
     assert common.continuation_correct("toy_math", pre, "wait, check: 61 + 11 = 72, ok\n#### 61", MATH_ROW)
     assert not common.continuation_correct("toy_math", pre, "wait, check: 61 + 11 = 73\n#### 62", MATH_ROW)
-    assert not common.continuation_correct("toy_math", pre, "", MATH_ROW)  # never commits (grade() alone says True)
-    assert common.grade("toy_math", pre, MATH_ROW)
+    assert not common.continuation_correct("toy_math", pre, "", MATH_ROW)  # never commits (a lenient grade() says True)
+    assert common.grade("toy_math", pre, MATH_ROW, lenient=True) and not common.grade("toy_math", pre, MATH_ROW)
     assert not common.continuation_correct("toy_math", pre, "#### xyz", MATH_ROW)  # marker, no number: not the prefix's 61
     mc_pre = "The currency is the ring. The answer is (B).\n"
     assert common.continuation_correct("toy_qa", mc_pre, "Wait, let me verify: yes, ring.", MC_ROW)  # committed B stands

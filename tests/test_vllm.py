@@ -171,5 +171,5 @@ def test_weight_push_of_a_lora_model_is_its_merge(setup, tok):
 
 def test_a_request_longer_than_the_engine_stops_clearly(setup, tok):
     engine, _, prompts = setup
-    with pytest.raises(SystemExit):
+    with pytest.raises(C.BadInput):
         C.generate(None, tok, prompts, max_new_tokens=512, backend="vllm", engine=engine)
