@@ -1,59 +1,52 @@
 """
-Offline default world (DESIGN 7): synthetic tasks, two tokenizers and three tiny Llama models
-(teacher, student, calibration target) trained from scratch and saved as plain Hugging Face
-folders, so every later stage treats them exactly like Qwen3 checkpoints.
+Offline default world (DESIGN 7): two synthetic tasks, two tokenizers and four tiny Llamas (teacher,
+student, same-family calibration target, cross-tokenizer target) trained from scratch and saved as
+plain Hugging Face folders, so every later stage treats them exactly like Qwen3 checkpoints.
 
     python 00_toy_world.py --out_dir runs/toy/00_toy_world            # ~4 min on 2 CPU cores
     python 00_toy_world.py --out_dir /tmp/tw --smoke                  # ~20 s, for tests
 
-Writes D/config.json (first), D/data/{toy_math,toy_qa}/{train,test}.jsonl, D/teacher, D/student,
-D/target (model + tokenizer each), D/summary.json (greedy test accuracy per task, DESIGN 9).
+The world gives the paper's mechanism (sections 6.4-6.5, appendix G) room to act:
+- Two valid solution styles per task, chosen by the first token of the completion. Direct (E): one
+  line per step. Checked (H): "Let me check every ..." then an inverse check per step and a recount
+  by another route whose result is the answer (math), or a yes/no per option and a restatement (qa).
+  Both are always correct; H is ~3x longer, and in it a small model's slips compound (a wrong recount
+  flips a right answer). The corpus mixes them 50/50, so the original teacher samples both.
+- Teacher-only knowledge: the student trains for fewer steps and on the toy_qa facts of half the
+  countries; the teacher on everything. Distilling from the teacher can therefore help the student.
+- A same-family target (the student's tokenizer and shape, another seed, another half of the
+  facts) as in the paper (Qwen3-0.6B for Qwen3-1.7B), and a cross-tokenizer target (tokenizer B) so
+  the cross-tokenizer reward keeps running.
+- A gate in summary.json: each model's accuracy with each style forced (the opener is appended to the
+  prompt), free sampling, the share of H and P(H) at the first token, so anyone can check that the
+  world has the property (teacher good at both styles, student good at E and bad at H) before
+  anything is calibrated.
 
-Tasks
-- toy_math: arithmetic word problems, easy (2 steps, 1-digit operands, start < 10) and hard
-  (3 steps, start 5-15, bags up to 4 x 5; `meta.level`). Completions are a chain of thought in
-  one of several styles at different frequencies (`meta.style`: step order, phrasing, number
-  words, plus a "wait, check: ..., ok" verification line in ~20%) ending in `#### n`. This is the dark
-  knowledge the teacher can pass on or hide (paper section 5); the recheck lines let self-check flips
-  appear in stage 05. No test prompt is a training prompt, but the easy space is small: 80 of the
-  104 easy test problems share start value and operations with a training problem (other names and
-  items); 0 of the 96 hard ones do.
-- toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?").
-  There are more facts than the student can memorize, which gives the capacity gap; test asks
-  about facts seen in training, and with 2 phrasings and 12 training rows per fact every test
-  question is also a training question (200 of 200 at the defaults): toy_qa measures recall of
-  memorized facts, the knowledge a teacher has and a student lacks. Each attribute has 4 values,
-  always listed in the same order, so the letter is a memorized fact rather than an in-context
-  match (which the tiny models could not learn in the time budget). Chance is 0.25.
-Teacher and student share tokenizer A (byte-level BPE, digits split); the target uses tokenizer B
-(smaller vocab, digits merged) so the cross-tokenizer code path runs by default.
+Tasks (chance: toy_math 0, toy_qa 0.25)
+- toy_math: "Gus has 2 cards. He buys 5, finds 3, sells 4 and gets 1. How many cards does he have now?",
+  3-4 additions/subtractions of 1-6 (--min_ops, --max_ops, --max_operand), never below 0; answer '#### n'.
+- toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?"), the
+  options always in the same order, so the letter is a memorized fact; answer 'The answer is (C)'.
+  Test questions ask about every country, including the ones the student never saw.
+Teacher, student and the same-family target share tokenizer A (byte-level BPE, digits split); the
+cross-tokenizer target uses tokenizer B (smaller vocab, digits merged).
 
-Training text is `common.build_prompt(tok, task, row) + completion + eos`, loss on completion tokens only.
-Sequences are bucketed by length (sorted inside chunks of 16 batches) so padding stays small.
+Training text is `common.build_prompt(tok, task, row) + completion + eos`, loss on completion tokens
+only, summed and divided by a constant (batch size x the corpus's mean completion length) rather than
+by each batch's own token count: batches are bucketed by length, and a per-batch mean would weight a
+short (direct) completion's first token ~3x more than a long (checked) one's, teaching every model to
+open with the short style more often than the data does.
 
-Expected (seed 0, defaults, 2 CPU cores with nothing else running; measured 2026-11-23): 265 s in
-all: data + tokenizers 0.6 s, teacher 800 steps 206 s (~8k tok/s), student 700 steps 38 s (~38k
-tok/s), target 300 steps 13 s, greedy evals 4 s. Greedy accuracy on the 200 test prompts per task:
-    teacher  3.27M params  toy_math 0.610 (easy 0.96, hard 0.23)  toy_qa 0.870
-    student  0.46M params  toy_math 0.120 (easy 0.21, hard 0.02)  toy_qa 0.435
-    target   0.26M params  toy_math 0.065                         toy_qa 0.340   (chance: 0 / 0.25)
-The teacher's lr is 1e-3: at 3e-3 (and 1.5e-3) the 4-layer teacher learned slower per step than the
-2-layer student (loss 1.10 vs 0.88 at step 300) and ended below it. An earlier, harder version of
-the tasks (2-digit numbers, shuffled options) left a 300-step teacher at chance, so the operands are
-1-digit and the option order is fixed (the answer letter is the memorized fact).
-Knowledge gap (`--student_qa_known 0.5`, run_all.sh EXTRAS): by default the student trains on the
-same ground truth as the teacher, so the teacher knows nothing the student could not have learned
-from its own data, and a short distillation has nothing to transfer. With 0.5 the student sees the
-toy_qa facts of half the countries only (test prompts still cover all of them): knowledge that only
-the teacher holds, as with a real teacher and student. Data, tokenizers and the other models are
-unchanged; summary.json records the countries the student saw and each model's train rows.
-Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.3M-3M parameter Llamas
-whose only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
+Writes D/config.json (first), D/data/{toy_math,toy_qa}/{train,test}.jsonl (train rows carry their
+reference completion; meta.style says which style), D/{teacher,student,target,target_x} (model +
+tokenizer), D/summary.json (greedy test accuracy per task as DESIGN 9 asks, and the gate).
+Expected time and numbers: see docs/RESULTS.md (measured on 2 CPU cores, seed 0).
+Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.5M-3M parameter Llamas whose
+only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
 """
 import argparse, math, os, random, sys, time
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,49 +59,65 @@ p.add_argument("--out_dir", required=True, help="where everything is written")
 p.add_argument("--seed", type=int, default=0, help="data, tokenizers, init and batch order")
 p.add_argument("--smoke", action="store_true", help="tiny everything (~20 s), for tests; overrides the size, step and vocab flags")
 # data
-p.add_argument("--math_train", type=int, default=4000, help="toy_math train problems")
-p.add_argument("--math_hard_frac", type=float, default=0.4, help="fraction of hard (3-step, larger operands) problems")
+p.add_argument("--math_train", type=int, default=6000, help="toy_math train problems")
+p.add_argument("--min_ops", type=int, default=3, help="fewest operations per toy_math problem")
+p.add_argument("--max_ops", type=int, default=4, help="most operations per toy_math problem")
+p.add_argument("--max_operand", type=int, default=6, help="largest number added or taken away in one toy_math step")
+p.add_argument("--checked_frac", type=float, default=0.5, help="share of train completions in the checked (H) style")
+p.add_argument("--again_frac", type=float, default=0.3, help="share of checked toy_math completions that verify a second time (H2)")
 p.add_argument("--qa_entities", type=int, default=40, help="invented countries; facts = 5 x this")
-p.add_argument("--qa_repeats", type=int, default=12, help="train questions per fact (one of 2 phrasings at random; options in a fixed order)")
+p.add_argument("--qa_repeats", type=int, default=12, help="train questions per fact (one of 2 phrasings, options in a fixed order)")
+p.add_argument("--known_share", type=float, default=0.5, help="share of the countries whose toy_qa facts the student (and, "
+               "another draw, the target) trains on; the teacher trains on all")
 p.add_argument("--n_test", type=int, default=200, help="test prompts per task")
-p.add_argument("--check_frac", type=float, default=0.2, help="completions with a 'wait, check' line")
+p.add_argument("--n_gate", type=int, default=100, help="test prompts per task in the style gate")
+p.add_argument("--gate_samples", type=int, default=4, help="samples per prompt (T=1) in the style gate")
 # tokenizers
-p.add_argument("--vocab_a", type=int, default=512, help="tokenizer A (teacher, student)")
-p.add_argument("--vocab_b", type=int, default=384, help="tokenizer B (target)")
+p.add_argument("--vocab_a", type=int, default=512, help="tokenizer A (teacher, student, target)")
+p.add_argument("--vocab_b", type=int, default=384, help="tokenizer B (target_x)")
+p.add_argument("--digits_a", default="merge", choices=["merge", "split"], help="tokenizer A: whole numbers as BPE tokens or one digit per token (B does the other)")
 # models: hidden / layers / steps / peak lr per role
-p.add_argument("--teacher_hidden", type=int, default=256)
+p.add_argument("--teacher_hidden", type=int, default=192)
 p.add_argument("--teacher_layers", type=int, default=4)
-p.add_argument("--teacher_steps", type=int, default=800)
-p.add_argument("--teacher_lr", type=float, default=1e-3)  # 3e-3 and 1.5e-3 learn slower at this depth (measured)
+p.add_argument("--teacher_steps", type=int, default=1200)
+p.add_argument("--teacher_lr", type=float, default=1.5e-3)
 p.add_argument("--student_hidden", type=int, default=128)
 p.add_argument("--student_layers", type=int, default=2)
-p.add_argument("--student_steps", type=int, default=700)
+p.add_argument("--student_steps", type=int, default=800)
 p.add_argument("--student_lr", type=float, default=3e-3)
-p.add_argument("--student_qa_known", type=float, default=1.0, help="share of the invented countries whose toy_qa facts the "
-               "student trains on (1 = all, as the teacher; < 1 leaves knowledge that only the teacher has)")
-p.add_argument("--target_hidden", type=int, default=96)
+p.add_argument("--target_hidden", type=int, default=128, help="same-family target: the student's shape")
 p.add_argument("--target_layers", type=int, default=2)
-p.add_argument("--target_steps", type=int, default=300)
+p.add_argument("--target_steps", type=int, default=500)
 p.add_argument("--target_lr", type=float, default=3e-3)
+p.add_argument("--target_x_hidden", type=int, default=128, help="cross-tokenizer target (tokenizer B)")
+p.add_argument("--target_x_layers", type=int, default=2)
+p.add_argument("--target_x_steps", type=int, default=800)
+p.add_argument("--target_x_lr", type=float, default=3e-3)
 p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
-p.add_argument("--warmup", type=int, default=40, help="linear warmup steps, then cosine to 10%")
-p.add_argument("--log_every", type=int, default=50, help="one progress line every N steps")
-p.add_argument("--roles", default="teacher,student,target", help="which models to build (all by default)")
-p.add_argument("--eval_batch", type=int, default=100, help="prompts per greedy generate call")
+p.add_argument("--warmup", type=int, default=40, help="linear warmup steps, then cosine to 10 percent")
+p.add_argument("--log_every", type=int, default=100, help="one progress line every N steps")
+p.add_argument("--roles", default="teacher,student,target", help="which models to build (target_x: the cross-tokenizer target, "
+               "for run_all.sh's EXTRAS and SMOKE runs)")
+p.add_argument("--eval_batch", type=int, default=200, help="sequences per generate call in the evals")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 args = common.parse_args(p)
 if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meaningless here
-    args.math_train, args.qa_entities, args.qa_repeats, args.n_test = 600, 8, 3, 24
+    args.math_train, args.qa_entities, args.qa_repeats, args.n_test, args.n_gate, args.gate_samples = 600, 8, 3, 24, 8, 2
     # head_dim 32 for the models vLLM serves (its CPU attention takes 32, 64, 80, ...: BACKEND=vllm runs on CPU too)
-    args.teacher_hidden, args.teacher_layers, args.student_hidden, args.student_layers, args.target_hidden = 64, 2, 64, 1, 32
-    args.teacher_steps = args.student_steps = args.target_steps = 6
+    for r, (h, l) in {"teacher": (64, 2), "student": (64, 1), "target": (64, 1), "target_x": (32, 1)}.items():
+        setattr(args, f"{r}_hidden", h), setattr(args, f"{r}_layers", l), setattr(args, f"{r}_steps", 6)
     args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
-ROLES = {"teacher": "A", "student": "A", "target": "B"}  # each model and its tokenizer
+ROLES = {"teacher": "A", "student": "A", "target": "A", "target_x": "B"}  # each model and its tokenizer
 bad_roles = set(args.roles.split(",")) - set(ROLES)
 if bad_roles:
     common.die(f"--roles {args.roles}: {','.join(sorted(bad_roles))} is not a role; choose from {','.join(ROLES)}")
-for flag in ("warmup", "log_every", "batch_size"):
+for flag in ("warmup", "log_every", "batch_size", "math_train", "n_test", "n_gate", "gate_samples", "qa_entities", "qa_repeats",
+             "min_ops"):
     if getattr(args, flag) < 1:
         common.die(f"--{flag} {getattr(args, flag)}: must be at least 1")
+if args.max_ops < args.min_ops or not 0 <= args.checked_frac <= 1 or not 0 < args.known_share <= 1:
+    common.die(f"--min_ops {args.min_ops} --max_ops {args.max_ops} --checked_frac {args.checked_frac} --known_share {args.known_share}: "
+               "need min_ops <= max_ops, checked_frac in [0, 1], known_share in (0, 1]")
 
 common.write_config(args.out_dir, args)
 # summary.json is run_all.sh's "stage done" file: a rerun rewrites data/ and models first, so an old
@@ -116,6 +125,8 @@ common.write_config(args.out_dir, args)
 if os.path.exists(os.path.join(args.out_dir, "summary.json")):
     os.remove(os.path.join(args.out_dir, "summary.json"))
 common.seed_everything(args.seed)
+if args.threads:
+    torch.set_num_threads(args.threads)
 T = {}  # seconds per phase
 t0 = time.time()
 
@@ -123,173 +134,144 @@ t0 = time.time()
 NAMES = [("Ana", "she"), ("Ben", "he"), ("Cara", "she"), ("Dev", "he"), ("Eli", "he"), ("Fay", "she"),
          ("Gus", "he"), ("Hana", "she"), ("Ivo", "he"), ("Juno", "she")]
 ITEMS = ["apples", "pens", "coins", "books", "shells", "stamps", "cards", "eggs"]
-WORDS = "zero one two three four five six seven eight nine ten".split()
-# solution styles and their frequencies: a majority style and rarer ones a small model won't pick up
-MATH_STYLES = {"steps": 0.5, "prose": 0.25, "net": 0.15, "words": 0.10}
+GAIN = ["finds", "gets", "buys"]
+LOSS = ["gives away", "loses", "sells"]
+OPENER = {"toy_math": "Let me check every step.", "toy_qa": "Let me check every option."}  # the checked style's first line
 
 
-def math_ops(rng, level):
-    """Start value and op list [("add", g) | ("sub", g) | ("bags", k, m)], never going negative."""
-    hard = level == "hard"
-    a = rng.randint(5, 15) if hard else rng.randint(2, 9)
-    ops, t = [], a
-    for _ in range(3 if hard else 2):
-        kind = rng.choice(["add", "sub", "bags"])
-        if kind == "bags":
-            k, m = rng.randint(2, 4 if hard else 3), rng.randint(2, 5 if hard else 3)
-            ops.append(("bags", k, m)); t += k * m
-        elif kind == "sub" and t >= 1:
-            g = rng.randint(1, min(t, 9 if hard else 6)); ops.append(("sub", g)); t -= g
+def math_ops(rng):
+    """Start value and a list of ("add" | "sub", g, verb), the running total never below 0."""
+    a, ops = rng.randint(2, 9), []
+    t = a
+    for _ in range(rng.randint(args.min_ops, args.max_ops)):
+        if t >= 3 and rng.random() < 0.45:
+            g = rng.randint(1, min(args.max_operand, t)); ops.append(("sub", g, rng.choice(LOSS))); t -= g
         else:
-            g = rng.randint(1, 9 if hard else 6); ops.append(("add", g)); t += g
-    return a, ops
+            g = rng.randint(1, args.max_operand); ops.append(("add", g, rng.choice(GAIN))); t += g
+    return a, ops, t
 
 
-def math_answer(start, ops):
-    t = start
+def math_prompt(name, pron, item, a, ops):
+    """'Gus has 2 cards. He buys 5, finds 3, sells 4 and gets 1. How many cards does he have now?'
+    ops: [("add" | "sub", g, verb)]."""
+    clauses = [f"{verb} {g}" for _, g, verb in ops]
+    return (f"{name} has {a} {item}. {pron.capitalize()} {', '.join(clauses[:-1])} and {clauses[-1]}. "
+            f"How many {item} does {pron} have now?")
+
+
+def apply(x, k, g, verb):
+    """One step, written the way every style writes it: the clause it comes from, then the arithmetic."""
+    u = x + g if k == "add" else x - g
+    return u, f"{verb} {g}: {x}{'+' if k == 'add' else '-'}{g}={u}"
+
+
+def math_completion(style, a, ops):
+    """Direct (E): one line per operation, in the order asked (each line restates its clause, so finding
+    the next operand is a copy of the next clause). Checked (H): each step with its inverse, then a
+    recount with the gains first and the losses after (the same total through new intermediate values,
+    so it cannot be copied from the lines above, and finding the operands means skipping the losses);
+    the recount's result is the answer. H2 verifies once more, in the order asked."""
+    x, lines = a, []
+    for k, g, verb in ops:
+        u, line = apply(x, k, g, verb)
+        inv = f"{u}-{g}={x}" if k == "add" else f"{u}+{g}={x}"
+        lines.append(line if style == "E" else f"{line}, check: {inv}")  # H, H2
+        x = u
+    if style == "E":
+        return "\n".join(lines + [f"#### {x}"])
+    y, rc = a, []
+    for op in [o for o in ops if o[0] == "add"] + [o for o in ops if o[0] == "sub"]:
+        y, line = apply(y, *op)
+        rc.append(line)
+    assert y == x
+    z, again = a, []
     for op in ops:
-        t += op[1] * op[2] if op[0] == "bags" else (op[1] if op[0] == "add" else -op[1])
-    return t
-
-
-def math_prompt(name, pron, item, start, ops):
-    s = [f"{name} has {start} {item}."]
-    for i, op in enumerate(ops):
-        then = "Then " + pron if i else pron.capitalize()
-        if op[0] == "bags":
-            s.append(f"{then} buys {op[1]} bags of {op[2]} {item}.")
-        elif op[0] == "add":
-            s.append(f"{then} finds {op[1]} more {item}.")
-        else:
-            s.append(f"{then} gives away {op[1]} {item}.")
-    s.append(f"How many {item} does {pron} have now?")
-    return " ".join(s)
-
-
-def math_completion(style, check, start, ops, item):
-    """Chain of thought in one style, optional verification line, final `#### n`."""
-    lines, t = [], start
-    if style == "net":  # different step order: total gains and losses first, then apply them
-        gains, losses = [], []
-        for op in ops:
-            if op[0] == "bags":
-                lines.append(f"{op[1]}*{op[2]}={op[1] * op[2]}"); gains.append(op[1] * op[2])
-            else:
-                (gains if op[0] == "add" else losses).append(op[1])
-        g, l = sum(gains), sum(losses)
-        if len(gains) > 1:
-            lines.append(f"gain: {'+'.join(map(str, gains))}={g}")
-        if len(losses) > 1:
-            lines.append(f"loss: {'+'.join(map(str, losses))}={l}")
-        if g:
-            lines.append(f"{t}+{g}={t + g}"); t += g
-        if l:
-            lines.append(f"{t}-{l}={t - l}"); last = ("sub", l, t); t -= l
-        else:
-            last = ("add", g, t - g)
-    else:
-        sp = " " if style == "prose" else ""  # spacing differs by style too (and costs tokens)
-        for op in ops:
-            w = (lambda n: WORDS[n]) if style == "words" else str  # number words for small counts
-            if op[0] == "bags":
-                p_ = op[1] * op[2]
-                pre = f"{w(op[1])} bags of {w(op[2])} is " if style in ("prose", "words") else ""
-                lines.append(f"{pre}{op[1]}{sp}*{sp}{op[2]}{sp}={sp}{p_}")
-                lines.append(("now " if style == "prose" else "") + f"{t}{sp}+{sp}{p_}{sp}={sp}{t + p_}")
-                last, t = ("add", p_, t), t + p_
-            elif op[0] == "add":
-                lines.append((f"finds {op[1]}, so " if style == "prose" else "") + f"{t}{sp}+{sp}{op[1]}{sp}={sp}{t + op[1]}")
-                last, t = ("add", op[1], t), t + op[1]
-            else:
-                lines.append((f"gives {op[1]}, so " if style == "prose" else "") + f"{t}{sp}-{sp}{op[1]}{sp}={sp}{t - op[1]}")
-                last, t = ("sub", op[1], t), t - op[1]
-    if check:  # undo the last operation: the recheck behaviour of DESIGN 7
-        kind, g, before = last
-        lines.append(f"wait, check: {t} {'-' if kind == 'add' else '+'} {g} = {before}, ok")
-    lines.append(f"#### {t}")
-    return "\n".join(lines)
+        z, line = apply(z, *op)
+        again.append(line)
+    more = [f"Let me verify again: {', '.join(again)}"] if style == "H2" else []
+    return "\n".join([OPENER["toy_math"]] + lines + ["Let me verify, gains first: " + ", ".join(rc)] + more + [f"#### {y}"])
 
 
 def make_math(rng, n, seen):
     rows = []
     while len(rows) < n:
-        level = "hard" if rng.random() < args.math_hard_frac else "easy"
         (name, pron), item = rng.choice(NAMES), rng.choice(ITEMS)
-        start, ops = math_ops(rng, level)
-        prompt = math_prompt(name, pron, item, start, ops)
+        a, ops, t = math_ops(rng)
+        prompt = math_prompt(name, pron, item, a, ops)
         if prompt in seen:  # test problems never appear in train
             continue
         seen.add(prompt)
-        style = rng.choices(list(MATH_STYLES), weights=list(MATH_STYLES.values()))[0]
-        check = rng.random() < args.check_frac
-        rows.append({"prompt": prompt, "answer": str(math_answer(start, ops)),
-                     "completion": math_completion(style, check, start, ops, item),
-                     "meta": {"level": level, "style": style + ("+check" if check else ""),
-                              "start": start, "ops": [list(o) for o in ops]}})
+        style = ("H2" if rng.random() < args.again_frac else "H") if rng.random() < args.checked_frac else "E"
+        rows.append({"prompt": prompt, "answer": str(t), "completion": math_completion(style, a, ops),
+                     "meta": {"style": style, "start": a, "ops": [[k, g] for k, g, _ in ops], "n_ops": len(ops),
+                              "reference": {s: math_completion(s, a, ops) for s in ("E", "H", "H2")}}})
     return rows
 
 
 # ----------------------------------------------------------------------------- toy_qa
 ATTRS = {  # attribute: (value pool, question templates, statement template)
     "flag": (["red", "blue", "green", "gold"],
-             ["What colour is the flag of {e}?", "Which colour does the flag of {e} have?"],
-             "The flag of {e} is {v}."),
+             ["What colour is the flag of {e}?", "Which colour does the flag of {e} have?"], "The flag of {e} is {v}."),
     "animal": (["fox", "owl", "bear", "crane"],
-               ["What is the national animal of {e}?", "Which animal is the symbol of {e}?"],
-               "The national animal of {e} is the {v}."),
+               ["What is the national animal of {e}?", "Which animal is the symbol of {e}?"], "The national animal of {e} is the {v}."),
     "export": (["salt", "tin", "silk", "rice"],
-               ["What does {e} export most?", "What is the main export of {e}?"],
-               "The main export of {e} is {v}."),
+               ["What does {e} export most?", "What is the main export of {e}?"], "The main export of {e} is {v}."),
     "currency": (["crown", "mark", "pearl", "shell"],
-                 ["What is the currency of {e} called?", "Which currency is used in {e}?"],
-                 "The currency of {e} is the {v}."),
+                 ["What is the currency of {e} called?", "Which currency is used in {e}?"], "The currency of {e} is the {v}."),
     "sport": (["polo", "chess", "rowing", "archery"],
-              ["What is the favourite sport in {e}?", "Which sport is most loved in {e}?"],
-              "The favourite sport in {e} is {v}."),
+              ["What is the favourite sport in {e}?", "Which sport is most loved in {e}?"], "The favourite sport in {e} is {v}."),
 }
-QA_STYLES = {"statement": 0.5, "short": 0.3, "letter": 0.2}
 
 
 def make_entities(rng, n):
     on = ["Vor", "Kel", "Zan", "Mir", "Tol", "Bras", "Quen", "Dal", "Fen", "Gor", "Hal", "Ix", "Jor", "Lum", "Nar", "Pel"]
     mid = ["a", "e", "i", "o", "ta", "ri", "lo", "du"]
     end = ["nia", "land", "mar", "via", "stan", "dor", "ria", "heim"]
-    names = sorted({a + b + c for a in on for b in mid for c in end})
-    return rng.sample(names, n)
+    return rng.sample(sorted({a + b + c for a in on for b in mid for c in end}), n)
+
+
+def qa_completion(style, ent, attr, value):
+    """Direct (E): the fact, then the letter. Checked (H): a yes/no per option, the fact restated, then
+    the letter."""
+    pool, _, statement = ATTRS[attr]
+    letter = "ABCD"[pool.index(value)]
+    fact = statement.format(e=ent, v=value)
+    if style == "E":
+        return f"{fact}\nThe answer is ({letter})"
+    checks = [f"{'ABCD'[i]}) {o}: {'yes' if o == value else 'no'}" for i, o in enumerate(pool)]
+    return "\n".join([OPENER["toy_qa"]] + checks + [f"Let me verify: {fact[0].lower()}{fact[1:]}", f"The answer is ({letter})"])
 
 
 def qa_row(rng, ent, attr, value, style=None):
-    pool, questions, statement = ATTRS[attr]
-    opts = list(pool)  # options always in pool order: the letter is a pure memorized fact
-    letter = "ABCD"[opts.index(value)]
-    prompt = rng.choice(questions).format(e=ent) + "\n" + "\n".join(f"{'ABCD'[i]}) {o}" for i, o in enumerate(opts))
-    row = {"prompt": prompt, "answer": letter, "choices": opts, "meta": {"entity": ent, "attribute": attr, "value": value}}
+    pool, questions, _ = ATTRS[attr]
+    prompt = rng.choice(questions).format(e=ent) + "\n" + "\n".join(f"{'ABCD'[i]}) {o}" for i, o in enumerate(pool))
+    row = {"prompt": prompt, "answer": "ABCD"[pool.index(value)], "choices": list(pool),
+           "meta": {"entity": ent, "attribute": attr, "value": value, "reference": {s: qa_completion(s, ent, attr, value) for s in "EH"}}}
     if style:
-        say = {"statement": statement.format(e=ent, v=value) + "\n", "short": f"It is {value}.\n", "letter": ""}[style]
-        row["completion"] = say + f"The answer is ({letter})"
-        row["meta"]["style"] = style
+        row["completion"], row["meta"]["style"] = qa_completion(style, ent, attr, value), style
     return row
 
 
 def make_qa(rng):
     ents = make_entities(rng, args.qa_entities)
     facts = [(e, a, rng.choice(ATTRS[a][0])) for e in ents for a in ATTRS]
-    train = [qa_row(rng, *f, style=rng.choices(list(QA_STYLES), weights=list(QA_STYLES.values()))[0])
-             for f in facts for _ in range(args.qa_repeats)]
+    train = [qa_row(rng, *f, style="H" if rng.random() < args.checked_frac else "E") for f in facts for _ in range(args.qa_repeats)]
     rng.shuffle(train)
     test = [qa_row(rng, *f) for f in rng.sample(facts, min(args.n_test, len(facts)))]
-    return train, test, len(facts)
+    return ents, train, test
 
 
 rng = random.Random(args.seed)
 seen = set()
 math_test = make_math(rng, args.n_test, seen)
 math_train = make_math(rng, args.math_train, seen)
-qa_train, qa_test, n_facts = make_qa(rng)
+ENTS, qa_train, qa_test = make_qa(rng)
 DATA = {"toy_math": (math_train, math_test), "toy_qa": (qa_train, qa_test)}
-_ents = sorted({r["meta"]["entity"] for r in qa_train})
-STUDENT_KNOWS = set(random.Random(args.seed + 1).sample(_ents, round(args.student_qa_known * len(_ents))))
-TRAIN_ROWS = {}  # role -> task -> train rows it saw
+# teacher-only knowledge: the student knows the facts of one half of the countries, the target of another draw
+n_known = max(1, round(args.known_share * len(ENTS)))
+KNOWS = {"student": set(random.Random(args.seed + 1).sample(ENTS, n_known)),
+         "target": set(random.Random(args.seed + 2).sample(ENTS, n_known))}
+KNOWS["target_x"] = KNOWS["target"]
 for task, (tr, te) in DATA.items():
     d = os.path.join(args.out_dir, "data", task)
     # test rows keep the gold completion out: answers come from the grader, not from a reference
@@ -304,7 +286,8 @@ SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
 
 
 def train_tokenizer(vocab_size, split_digits):
-    """Byte-level BPE on the corpus. A splits digits (arithmetic-friendly), B merges them."""
+    """Byte-level BPE on the corpus, numbers either merged (BPE learns a token for each frequent number) or split
+    into one token per digit; A and B differ in this, so their token boundaries differ inside every number."""
     tok = Tokenizer(models.BPE())
     bl = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bl]) if split_digits else bl
@@ -318,51 +301,69 @@ def train_tokenizer(vocab_size, split_digits):
 
 
 t1 = time.time()
-TOK = {"A": train_tokenizer(args.vocab_a, True), "B": train_tokenizer(args.vocab_b, False)}
+TOK = {"A": train_tokenizer(args.vocab_a, args.digits_a == "split"), "B": train_tokenizer(args.vocab_b, args.digits_a != "split")}
 T["tokenizers"] = time.time() - t1
 
 
 def encode(tok, task, row):
-    """Prompt ids + completion ids + eos; the prompt ends in <|assistant|>, so no merge crosses it."""
+    """Prompt ids, and each style's completion ids + eos; the prompt ends in <|assistant|>, so no merge crosses it."""
     p_ids = tok(common.build_prompt(tok, task, row), add_special_tokens=False)["input_ids"]
-    c_ids = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return p_ids, c_ids
+    return p_ids, {s: tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s, c in row["meta"]["reference"].items()}
+
+
+def draw_style(g, task):
+    """A completion style with the corpus's mix: direct E, checked H, or (toy_math) checked twice H2."""
+    if g.random() >= args.checked_frac:
+        return "E"
+    return "H2" if task == "toy_math" and g.random() < args.again_frac else "H"
 
 
 # ----------------------------------------------------------------------------- training
-def batches(examples, bs, steps, seed):
-    """Shuffle each epoch, sort by length inside chunks of 16 batches, shuffle the batches."""
-    if len(examples) < bs:  # no full batch in an epoch: the loop below would never end
-        common.die(f"--batch_size {bs} is more than the {len(examples)} training rows; lower it or make more data")
+def batches(items, bs, steps, seed):
+    """Batches of (row index, style). Every epoch each row gets a fresh style, so no prompt is tied to one style.
+    Each step holds the corpus's mix of direct and checked completions as two halves, each sorted by length inside
+    chunks of 16 half-batches (little padding): length-bucketed whole batches would be all direct or all checked,
+    and the first token's style probability would swing with the last few batches instead of learning the mix."""
+    n_h = round(bs * args.checked_frac)
+    sizes = {"E": bs - n_h, "H": n_h}
+    if len(items) < 2 * bs:  # no full batch in an epoch: the loop below would never end
+        common.die(f"--batch_size {bs} is more than half the {len(items)} training rows; lower it or make more data")
     g, out = random.Random(seed), []
     while len(out) < steps:
-        idx = list(range(len(examples)))
-        g.shuffle(idx)
-        chunk = bs * 16
-        epoch = []
-        for i in range(0, len(idx), chunk):
-            part = sorted(idx[i:i + chunk], key=lambda j: len(examples[j][0]) + len(examples[j][1]))
-            epoch += [part[k:k + bs] for k in range(0, len(part), bs) if len(part[k:k + bs]) == bs]
-        g.shuffle(epoch)
-        out += epoch
+        pools = {"E": [], "H": []}
+        for i, (task, _, _) in enumerate(items):
+            st = draw_style(g, task)
+            pools["E" if st == "E" else "H"].append((i, st))
+        halves = {}
+        for k, pool in pools.items():
+            n, hb = sizes[k], []
+            g.shuffle(pool)
+            for c in range(0, len(pool), max(n, 1) * 16):
+                part = sorted(pool[c:c + n * 16], key=lambda x: len(items[x[0]][1]) + len(items[x[0]][2][x[1]]))
+                hb += [part[j:j + n] for j in range(0, len(part), n) if len(part[j:j + n]) == n] if n else []
+            g.shuffle(hb)
+            halves[k] = hb
+        m = min(len(halves[k]) for k in sizes if sizes[k]) if any(sizes.values()) else 0
+        out += [[halves[k][i] if sizes[k] else [] for k in ("E", "H")] for i in range(m)]
     return out[:steps]
 
 
-def collate(examples, ids, pad_id):
-    L = max(len(examples[j][0]) + len(examples[j][1]) for j in ids)
-    x = torch.full((len(ids), L), pad_id, dtype=torch.long)
-    y = torch.full((len(ids), L), -100, dtype=torch.long)  # loss on completion tokens only
-    att = torch.zeros((len(ids), L), dtype=torch.long)
-    for b, j in enumerate(ids):
-        p_ids, c_ids = examples[j]
-        s = p_ids + c_ids
-        x[b, :len(s)], att[b, :len(s)] = torch.tensor(s), 1
-        y[b, len(p_ids):len(s)] = torch.tensor(c_ids)
+def collate(items, part, pad_id):
+    """part: [(row index, style)] -> input ids, targets (-100 off the completion), attention mask."""
+    seqs = [(items[i][1], items[i][2][st]) for i, st in part]
+    L = max(len(p_) + len(c) for p_, c in seqs)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), L), -100, dtype=torch.long)  # loss on completion tokens only
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, (p_ids, c_ids) in enumerate(seqs):
+        s_ = p_ids + c_ids
+        x[b, :len(s_)], att[b, :len(s_)] = torch.tensor(s_), 1
+        y[b, len(p_ids):len(s_)] = torch.tensor(c_ids)
     return x, y, att
 
 
 def train_model(role, tok, hidden, layers, steps, lr):
-    torch.manual_seed(args.seed * 1000 + list(ROLES).index(role))  # own init per role
+    torch.manual_seed(common.derive_seed(args.seed, "init", role))  # own init per role
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                       intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_attention_heads=max(2, hidden // 64),
                       num_key_value_heads=max(2, hidden // 64), max_position_embeddings=512, tie_word_embeddings=True,
@@ -370,55 +371,84 @@ def train_model(role, tok, hidden, layers, steps, lr):
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
-    keep = [(task, r) for task, (tr, _) in DATA.items() for r in tr
-            if role != "student" or task != "toy_qa" or r["meta"]["entity"] in STUDENT_KNOWS]
+    knows = KNOWS.get(role)  # None: every country (the teacher)
+    keep = [(task, r) for task, (tr, _) in DATA.items() for r in tr if task != "toy_qa" or knows is None or r["meta"]["entity"] in knows]
     TRAIN_ROWS[role] = {t: sum(task == t for task, _ in keep) for t in DATA}
-    ex = [encode(tok, task, r) for task, r in keep]
+    items = [(task, *encode(tok, task, r)) for task, r in keep]  # (task, prompt ids, {style: completion ids})
+    # a constant divisor, not each batch's token count: see the docstring (length-bucketed batches)
+    g_ = random.Random(0)
+    norm = args.batch_size * sum(len(c[draw_style(g_, t)]) for t, _, c in items) / len(items)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = lambda s: min(1, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
-    t, ntok, lsum = time.time(), 0, 0.0
-    for step, ids in enumerate(batches(ex, args.batch_size, steps, args.seed)):
-        x, y, att = collate(ex, ids, tok.pad_token_id)
+    t, ntok, lsum, ltok = time.time(), 0, 0.0, 0
+    for step, halves in enumerate(batches(items, args.batch_size, steps, common.derive_seed(args.seed, "batches", role))):
         for gr in opt.param_groups:
             gr["lr"] = lr * sched(step)
-        logits = model(input_ids=x, attention_mask=att).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
+        for part in (h for h in halves if h):  # the direct and the checked half, each padded to its own length
+            x, y, att = collate(items, part, tok.pad_token_id)
+            logits = model(input_ids=x, attention_mask=att).logits  # (b, T, V)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+            (nll / norm).backward()
+            ntok += int(att.sum()); lsum += nll.item(); ltok += int((y != -100).sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
-        ntok += int(att.sum()); lsum += loss.item()
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             dt = time.time() - t
-            print(f"{role} step {step + 1}/{steps} | loss {lsum / ((step % args.log_every) + 1):.3f} | "
-                  f"{ntok / dt:.0f} tok/s | {dt:.0f}s | eta {dt / (step + 1) * (steps - step - 1):.0f}s", flush=True)
-            lsum = 0.0
+            print(f"{role} step {step + 1}/{steps} | loss {lsum / max(ltok, 1):.3f} | {ntok / dt:.0f} tok/s | {dt:.0f}s | "
+                  f"eta {common.fmt_secs(dt / (step + 1) * (steps - step - 1))}", flush=True)
+            lsum, ltok = 0.0, 0
     model.eval()
     return model
 
 
-# ----------------------------------------------------------------------------- eval
-def greedy(model, tok, prompts, max_new):
-    return common.generate(model, tok, prompts, n=1, max_new_tokens=max_new, greedy=True, batch_size=args.eval_batch)
-
-
-def evaluate(model, tok):
+# ----------------------------------------------------------------------------- evals: greedy accuracy and the style gate
+def greedy_acc(model, tok):
+    """Greedy strict accuracy per task on every test prompt (DESIGN 9's summary.json field), and one sample."""
     acc, samples = {}, {}
-    for task, (tr, te) in DATA.items():
-        longest = max(len(tok(r["completion"])["input_ids"]) for r in tr)
-        outs = greedy(model, tok, [common.build_prompt(tok, task, r) for r in te], longest + 8)
-        ok = [bool(common.grade(task, o["text"], r, o["finished"])) for o, r in zip(outs, te)]
-        acc[task] = round(sum(ok) / len(te), 4)
-        if task == "toy_math":  # split by level: the hard level is where the student should break
-            for lv in ("easy", "hard"):
-                sel = [g for g, r in zip(ok, te) if r["meta"]["level"] == lv]
-                acc[f"toy_math_{lv}"] = round(sum(sel) / max(1, len(sel)), 4)
+    for task, (_, te) in DATA.items():
+        outs = common.generate(model, tok, [common.build_prompt(tok, task, r) for r in te], greedy=True, batch_size=args.eval_batch,
+                               max_new_tokens=32 if args.smoke else common.TASKS[task]["max_new_tokens"])
+        acc[task] = round(sum(bool(common.grade(task, o["text"], r, o["finished"])) for o, r in zip(outs, te)) / len(te), 4)
         samples[task] = outs[0]["text"]
     return acc, samples
 
 
+def gate(model, tok):
+    """Per task: strict sampled accuracy (T=1) with each style forced by appending its opener to the prompt
+    (H: the whole first line; E: the first token of the row's direct reference), free sampling with its share
+    of checked completions and length, and P(first token opens the checked style)."""
+    out = {}
+    for task, (_, te) in DATA.items():
+        rows, k, budget = te[:args.n_gate], args.gate_samples, 32 if args.smoke else common.TASKS[task]["max_new_tokens"]
+        base = [common.build_prompt(tok, task, r) for r in rows]
+        opener = {"free": [""] * len(rows), "H": [OPENER[task] + "\n"] * len(rows),
+                  "E": [tok.decode(tok(r["meta"]["reference"]["E"], add_special_tokens=False)["input_ids"][:1]) for r in rows]}
+        res = {}
+        for mode, ops in opener.items():
+            outs = common.generate(model, tok, [b + o for b, o in zip(base, ops)], n=k, max_new_tokens=budget, temperature=1.0,
+                                   seed=common.derive_seed(args.seed, "gate", task, mode), batch_size=args.eval_batch)
+            texts = [ops[o["i"]] + o["text"] for o in outs]
+            ok = [bool(common.grade(task, t_, rows[o["i"]], o["finished"])) for t_, o in zip(texts, outs)]
+            res[mode] = {"acc": round(sum(ok) / len(ok), 4), "finished": round(sum(o["finished"] for o in outs) / len(outs), 4),
+                         "len": round(sum(len(o["ids"]) for o in outs) / len(outs), 1)}
+            if mode == "free":
+                res[mode]["checked_share"] = round(sum(common.opens_with_check(t_) for t_ in texts) / len(texts), 4)
+        first = tok(OPENER[task], add_special_tokens=False)["input_ids"][0]
+        enc = tok(base, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        with torch.no_grad():
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            last = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos, logits_to_keep=1).logits[:, -1]
+        res["p_first_checked"] = round(torch.softmax(last.float(), -1)[:, first].mean().item(), 4)
+        if task == "toy_qa" and KNOWS:  # the knowledge gap: accuracy on countries the student saw vs not
+            seen_ = [r["meta"]["entity"] in KNOWS["student"] for r in rows]
+            res["student_countries_share"] = round(sum(seen_) / len(seen_), 4)
+        out[task] = res
+    return out
+
+
 # ----------------------------------------------------------------------------- run
-summary = {"models": {}}
+summary, TRAIN_ROWS = {"models": {}}, {}
 for role, tk in ROLES.items():
     if role not in args.roles.split(","):
         continue
@@ -427,17 +457,23 @@ for role, tk in ROLES.items():
     model = train_model(role, TOK[tk], a[f"{role}_hidden"], a[f"{role}_layers"], a[f"{role}_steps"], a[f"{role}_lr"])
     T[f"train_{role}"] = time.time() - t1
     t1 = time.time()
-    acc, samples = evaluate(model, TOK[tk])
+    acc, samples = greedy_acc(model, TOK[tk])
+    g = gate(model, TOK[tk])
     T[f"eval_{role}"] = time.time() - t1
+
     def save(d):  # the model and its tokenizer: an HF folder every later stage loads
         model.save_pretrained(d)
         TOK[tk].save_pretrained(d)
     common.atomic_save_dir(os.path.join(args.out_dir, role), save)
-    summary["models"][role] = {"params": sum(p_.numel() for p_ in model.parameters()), "tokenizer": tk,
-                               "vocab_size": len(TOK[tk]), "hidden": a[f"{role}_hidden"], "layers": a[f"{role}_layers"],
-                               "train_steps": a[f"{role}_steps"], "train_rows": TRAIN_ROWS[role], "acc": acc, "sample": samples}
-    print(f"{role}: {summary['models'][role]['params']:,} params | acc {acc} | "
-          f"train {T[f'train_{role}']:.0f}s eval {T[f'eval_{role}']:.0f}s", flush=True)
+    summary["models"][role] = {"params": common.n_params(model), "tokenizer": tk, "vocab_size": len(TOK[tk]),
+                               "hidden": a[f"{role}_hidden"], "layers": a[f"{role}_layers"], "train_steps": a[f"{role}_steps"],
+                               "train_rows": TRAIN_ROWS[role], "acc": acc, "gate": g, "sample": samples}
+    print(f"{role}: {summary['models'][role]['params']:,} params | greedy acc {acc} | train {T[f'train_{role}']:.0f}s "
+          f"eval {T[f'eval_{role}']:.0f}s", flush=True)
+    for task, r in g.items():
+        print(f"  gate {task}: sampled acc free {r['free']['acc']:.3f} (checked {r['free']['checked_share']:.2f}, "
+              f"P(first) {r['p_first_checked']:.2f}) | E forced {r['E']['acc']:.3f} | H forced {r['H']['acc']:.3f} "
+              f"(len {r['E']['len']:.0f} / {r['H']['len']:.0f}, finished {r['H']['finished']:.2f})", flush=True)
 
 
 def mix(rows):
@@ -449,14 +485,12 @@ def mix(rows):
 
 summary.update({
     "chance": {"toy_math": 0.0, "toy_qa": 0.25},
-    "sizes": {t: {"train": len(tr), "test": len(te)} for t, (tr, te) in DATA.items()} | {"qa_facts": n_facts},
-    "student_qa_known": {"share": args.student_qa_known, "entities": sorted(STUDENT_KNOWS)},
-    "style_mix": {"toy_math": mix(math_train), "toy_qa": mix(qa_train),
-                  "toy_math_check_frac": round(sum("+check" in r["meta"]["style"] for r in math_train) / len(math_train), 4),
-                  "toy_math_level_mix": mix([{"meta": {"style": r["meta"]["level"]}} for r in math_train])},
+    "sizes": {t: {"train": len(tr), "test": len(te)} for t, (tr, te) in DATA.items()} | {"qa_facts": len(ENTS) * len(ATTRS)},
+    "knows": {r: sorted(k) for r, k in KNOWS.items() if r != "target_x"},
+    "style_mix": {t: mix(tr) for t, (tr, _) in DATA.items()},
     "tokenizers": {k: {"vocab_size": len(t)} for k, t in TOK.items()},
     "seconds": {k: round(v, 1) for k, v in T.items()} | {"total": round(time.time() - t0, 1)},
-    "grader": "common.grade",
+    "grader": "common.grade (strict)",
 })
 common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
 print(f"done in {time.time() - t0:.0f}s -> {args.out_dir}/summary.json")

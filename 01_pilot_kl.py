@@ -244,6 +244,8 @@ for task in args.tasks:
            **{f"{k}_{who}": None if is_open and k != "finished" else float(np.mean([x[rec] for x in g]))
               for who, g in (("student", gen_s), ("teacher", gen_t))
               for k, rec in (("acc", "correct"), ("acc_lenient", "correct_lenient"), ("finished", "finished"), ("no_answer", "no_answer"))},
+           **{f"{k}_{who}": float(np.mean([fn(x["text"]) for x in g])) for who, g in (("student", gen_s), ("teacher", gen_t))
+              for k, fn in (("checked_share", common.opens_with_check), ("checks", common.check_count))},
            "len_student": float(sc_s["n_tok"].mean()), "len_teacher": float(sc_t["n_tok"].mean()),
            "n_prompts": len(data), "n_samples": args.n_samples, "note": note}
     if vocab is not None:
@@ -284,6 +286,8 @@ LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
     ("Finished before the token limit, student / teacher", "finished"),
     ("No final answer, student / teacher", "no_answer"),
     ("Mean completion tokens, student / teacher", "len"),
+    ("Opens with a self-check, student / teacher", "checked_share"),
+    ("Self-check phrases per completion, student / teacher", "checks"),
     ("On-policy token RKL (per token)", "onpolicy_token_rkl"), ("On-policy token FKL (per token)", "onpolicy_token_fkl"),
     ("Off-policy token RKL (per token, teacher samples)", "offpolicy_token_rkl"),
     ("Off-policy token FKL (per token, teacher samples)", "offpolicy_token_fkl"),
@@ -300,8 +304,9 @@ LINES = [  # (label, key): Table 1 layout, quantities down, tasks across
 def cell(r, key):
     if key is None:
         return f"{fnum(r['acc_student'])} / {fnum(r['acc_teacher'])}"
-    if key in ("acc_lenient", "finished", "no_answer", "len"):
-        return f"{fnum(r[key + '_student'], 1 if key == 'len' else 3)} / {fnum(r[key + '_teacher'], 1 if key == 'len' else 3)}"
+    if key in ("acc_lenient", "finished", "no_answer", "len", "checked_share", "checks"):
+        nd = 1 if key in ("len", "checks") else 3
+        return f"{fnum(r[key + '_student'], nd)} / {fnum(r[key + '_teacher'], nd)}"
     if isinstance(key, tuple):
         return f"{fnum((r['tail_spearman'] or {}).get(key[1]))} / {fnum((r['tail_spearman_member'] or {}).get(key[1]))}"
     if key == "onpolicy_seq_rkl":

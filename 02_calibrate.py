@@ -226,6 +226,9 @@ def evaluate(step, tag, use_lora=True):
         _, gs = rollouts(rows, 1, seed=10**6, greedy=True, step=step, use_lora=use_lora)
         res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(gs, rows)]))
         prompts, ss = rollouts(rows, 1, seed=10**6 + 1, greedy=False, step=step, use_lora=use_lora)
+        res[f"sampled_acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(ss, rows)]))
+        res[f"checked_{t}"] = float(np.mean([common.opens_with_check(s["text"]) for s in ss]))
+        res[f"len_{t}"] = float(np.mean([len(s["ids"]) for s in ss]))
         ids, am, cm = common.make_batch(tok, prompts, [s["ids"] for s in ss], device)
         with torch.no_grad(), (contextlib.nullcontext() if use_lora else model.disable_adapter()):
             lp = (common.completion_logprobs(model, ids, am, cm, args.chunk) * cm).sum(-1)
@@ -332,10 +335,13 @@ while step < args.steps:
     m = {"step": step, "loss": loss.item(), "reward_task": r_task_B.mean().item(), "reward_cal": r_cal_B.mean().item(),
          "kl_anchor": parts["kl"].item(), "accuracy": r_task_B.mean().item(), "len": n_theta_B.mean().item(),
          "seq_kl_target": (seq_theta_B - seq_tgt_B).mean().item(), "grad_norm": gnorm.item(),
-         "seconds": round(secs, 3), "eta": round(eta, 1)}
+         # the mechanism (paper 6.4-6.5): how often the teacher opens with a self-check, and how many it makes
+         "checked_share": float(np.mean([common.opens_with_check(s["text"]) for s in samples])),
+         "checks": float(np.mean([common.check_count(s["text"]) for s in samples])),
+         "finished": float(np.mean([s["finished"] for s in samples])), "seconds": round(secs, 3), "eta": round(eta, 1)}
     print(f"step {step}/{args.steps} | loss {m['loss']:.4f} | r_task {m['reward_task']:.3f} | r_cal {m['reward_cal']:.2f} | "
-          f"kl {m['kl_anchor']:.4f} | seq_kl_tgt {m['seq_kl_target']:.2f} | len {m['len']:.1f} | {secs:.1f}s | eta {common.fmt_secs(eta)}",
-          flush=True)
+          f"kl {m['kl_anchor']:.4f} | seq_kl_tgt {m['seq_kl_target']:.2f} | len {m['len']:.1f} | checked {m['checked_share']:.2f} | "
+          f"{secs:.1f}s | eta {common.fmt_secs(eta)}", flush=True)
     common.append_jsonl(metrics_path, m)
     if args.sample_every and step % args.sample_every == 0:
         s = samples[0]
@@ -372,6 +378,8 @@ train = [r for r in rows if "eval" not in r]
 summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.teacher, "target": args.target,
            "acc": {"original": {t: before[f"acc_{t}"] for t in args.tasks}, "calibrated": {t: after[f"acc_{t}"] for t in args.tasks}},
            "seq_kl_target": {"original": before["seq_kl_target"], "calibrated": after["seq_kl_target"]},
+           **{k: {"original": {t: before[f"{k}_{t}"] for t in args.tasks}, "calibrated": {t: after[f"{k}_{t}"] for t in args.tasks}}
+              for k in ("sampled_acc", "checked", "len")},
            "train_first_last": {k: [train[0][k], train[-1][k]] for k in ("reward_task", "reward_cal", "seq_kl_target", "kl_anchor")} if train else {},
            "n_eval": {t: len(r) for t, r in held.items()}, "merge_lost_share": merge_lost}
 common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)

@@ -247,7 +247,9 @@ for name in models:
         row = {"model": name, "task": task, "k": args.k, "n_prompts": len({x["i"] for x in s}), "label": method, "base": base,
                "acc": None, "acc_ci": None, "maj": None, "maj_ci": None, "pass": None, "pass_ci": None,
                "rm_score": None, "rm_score_ci": None, "rm_raw": None, "acc_lenient": None, "no_answer": None,
-               "finished": float(np.mean([x["finished"] for x in s])), "mean_tokens": float(np.mean([x["n_tokens"] for x in s]))}
+               "finished": float(np.mean([x["finished"] for x in s])), "mean_tokens": float(np.mean([x["n_tokens"] for x in s])),
+               "checked_share": float(np.mean([common.opens_with_check(x["completion"]) for x in s])),
+               "checks": float(np.mean([common.check_count(x["completion"]) for x in s]))}
         if task in open_tasks:
             by = {}
             for x in s:
@@ -296,8 +298,9 @@ def render(table, tasks):
             r = cell[(n, t)]
             cs.append(f"{r['rm_score']:.3f}" if r["acc"] is None else f"{r['acc']:.3f} [{r['maj']:.3f}, {r['pass']:.3f}]")
         out.append(f"| {base} | {method} | " + " | ".join(cs) + " |\n")
-    out.append("\nHow the completions ended: `lenient acc | finished | no final answer | mean tokens`. Strict acc (above) needs "
-               "a finished completion with an explicit final answer; lenient also reads the last number, cut-offs included\n\n" + head)
+    out.append("\nHow the completions ended: `lenient acc | finished | no final answer | mean tokens | opens with a self-check`. "
+               "Strict acc (above) needs a finished completion with an explicit final answer; lenient also reads the last number, "
+               "cut-offs included\n\n" + head)
     for n in names:
         base, method = labels.get(n, ("", n))
         cs = []
@@ -305,7 +308,7 @@ def render(table, tasks):
             r = cell[(n, t)]
             lead = "-" if r["acc_lenient"] is None else f"{r['acc_lenient']:.3f}"
             na = "-" if r["no_answer"] is None else f"{r['no_answer']:.3f}"
-            cs.append(f"{lead} \\| {r['finished']:.3f} \\| {na} \\| {r['mean_tokens']:.0f}")
+            cs.append(f"{lead} \\| {r['finished']:.3f} \\| {na} \\| {r['mean_tokens']:.0f} \\| {r['checked_share']:.2f}")
         out.append(f"| {base} | {method} | " + " | ".join(cs) + " |\n")
     out.append("\n95% bootstrap intervals over prompts (acc; rm_score for open tasks)\n\n" + head)
     for n in names:

@@ -128,12 +128,14 @@ def detect(task, x):
     no_ans = not common.final_answer_marked(task, text)
     return {"repetition": rep is not None, "self_check_flip": flip is not None, "format_drift": drift is not None,
             "no_answer": no_ans, "truncated": no_ans and not x["finished"], "finished": bool(x["finished"]),
+            "checked": common.opens_with_check(text), "checks": common.check_count(text), "tokens": x.get("n_tokens", 0),
             "rep": rep, "flip": flip, "drift": drift}
 
 
 def rates(flags, prompt_ow):
     """flags: per-completion dicts; prompt_ow: per-prompt overconfident_wrong bools -> fractions."""
-    r = {m: (float(np.mean([f[m] for f in flags])) if flags else None) for m in MODES[:4] + ["truncated", "finished"]}
+    r = {m: (float(np.mean([f[m] for f in flags])) if flags else None) for m in MODES[:4] + ["truncated", "finished", "checked",
+                                                                                           "checks", "tokens"]}
     r["overconfident_wrong"] = float(np.mean(prompt_ow)) if prompt_ow else None
     r["n_completions"], r["n_prompts"] = len(flags), len(prompt_ow)
     return r
@@ -241,12 +243,14 @@ def pct(v):
 
 
 def table(key):
-    head = "| Model | " + " | ".join(MODES) + " | truncated | finished | completions | prompts |\n|---|" + "---|" * (len(MODES) + 4) + "\n"
+    head = ("| Model | " + " | ".join(MODES) + " | truncated | finished | opens with a check | checks | tokens | completions | prompts |\n|---|"
+            + "---|" * (len(MODES) + 7) + "\n")
     rows = []
     for n in names:
         r = result[n] if key == "all" else result[n]["focus"]
         tag = " (base)" if n == args.base else " (misled)" if n in args.misled else ""
-        rows.append(f"| {n}{tag} | " + " | ".join(pct(r[m]) for m in MODES) + f" | {pct(r['truncated'])} | {pct(r['finished'])} | {r['n_completions']} | {r['n_prompts']} |\n")
+        rows.append(f"| {n}{tag} | " + " | ".join(pct(r[m]) for m in MODES) + f" | {pct(r['truncated'])} | {pct(r['finished'])} | {pct(r['checked'])} | "
+                    f"{r['checks'] or 0:.1f} | {r['tokens'] or 0:.0f} | {r['n_completions']} | {r['n_prompts']} |\n")
     return head + "".join(rows)
 
 

@@ -203,6 +203,16 @@ def check_resume(out_dir, args, free=RESUME_FREE):
             f"or use another --out_dir (or delete {out_dir}/ckpt to start this one over)")
 
 
+def derive_seed(*parts, bits=63):
+    """One seed for one purpose, derived from the parts that name it: derive_seed(run_seed, "rollout", step).
+    A stable hash (sha256 of the parts' JSON), so the same parts give the same seed in every process and
+    Python version, and different parts (a different step, or another stream's name) give unrelated ones;
+    arithmetic such as seed * 1_000_003 + step collides across runs and streams. Parts: ints, strings,
+    floats, None. bits < 63 leaves room for offsets (vLLM seeds sample j of a request with seed + j)."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> (64 - bits)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -356,8 +366,8 @@ LETTERS = "ABCDEFGHIJKLMNOP"
 # the hardest. Vicuna's 80 questions are evaluation only. The real-task column maps say how a hub row
 # becomes {prompt, answer, choices}; a local jsonl/parquet file must already have those columns.
 TASKS = {
-    "toy_math": {"kind": "math", "toy": True},
-    "toy_qa": {"kind": "mc", "toy": True},
+    "toy_math": {"kind": "math", "toy": True, "max_new_tokens": 192},  # checked twice (H2): up to ~186 tokens
+    "toy_qa": {"kind": "mc", "toy": True, "max_new_tokens": 96},  # checked completions: ~50 tokens
     "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}},
     "bigmath_l4": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_4"), "splits": {"train": "train", "test": "train"},
                    "holdout": True},
@@ -888,7 +898,7 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     per = max(1, batch_size // n)
     t0 = time.time()
     for b, s in enumerate(range(0, len(prompts), per)):
-        torch.manual_seed(seed * 100_003 + b)
+        torch.manual_seed(derive_seed(seed, "hf_batch", b))
         chunk = prompts[s:s + per]
         ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy)
         for r in range(ids.shape[0]):
@@ -914,7 +924,7 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
     # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1).
     # vLLM seeds sample j of a request with seed + j, so request seeds are n apart: no two samples share noise
     sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                          seed=(seed * 100_003 + i) * n, detokenize=False) for i in range(len(prompts))]
+                          seed=derive_seed(seed, "vllm_request", i, bits=52) * n, detokenize=False) for i in range(len(prompts))]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
     for i, o in enumerate(outs):
@@ -1433,6 +1443,20 @@ def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, ma
 # (whole words: not 'waiting', 'verified' or 'double-checks the price')
 RECHECK = re.compile(r"\b(?:(?:wait|hold on|let me (?:verify|check|double[- ]check|re-?check|re-?verify|reconsider)|"
                      r"double[- ]check|re-?check|verify)\b|check\s*:)", re.I)
+
+
+CHECK_OPENER = re.compile(r"\s*(?:let me (?:check|verify|double[- ]check|re-?check)|wait|hold on)\b", re.I)
+
+
+def opens_with_check(text):
+    """Does the completion open with a self-check ('Let me check every step.', 'Wait, ...')? The toy
+    world's checked (H) style opens this way; on real models it is the opening of a verify-first answer."""
+    return bool(CHECK_OPENER.match(text))
+
+
+def check_count(text):
+    """Self-check phrases in a completion (RECHECK): the paper's 'frequent self-checks' (6.4-6.5)."""
+    return len(RECHECK.findall(text))
 
 
 def final_answer_marked(task, text):

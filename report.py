@@ -180,6 +180,23 @@ out += ["## Table 2: students and teachers (stage 04)", "", text("04_eval/table2
 
 # ----------------------------------------------------------------------------- extras
 t2 = load("04_eval/table2.json", [])
+if t2 and "checked_share" in t2[0]:
+    mtasks = sorted({r["task"] for r in t2})
+    out += ["## The mechanism: how each teacher and student answers (stage 04 samples)", "",
+            "Strict accuracy, share of completions that open with a self-check (the checked style), self-check phrases per "
+            "completion, mean tokens, share finished before the token limit and share with no final answer.", "",
+            "| model | " + " | ".join(f"{t}: acc / checked / checks / tokens / finished / no answer" for t in mtasks) + " |",
+            "|---|" + "---|" * len(mtasks)]
+    by2 = {(r["model"], r["task"]): r for r in t2}
+    for m in dict.fromkeys(r["model"] for r in t2):
+        cells = []
+        for t in mtasks:
+            r = by2.get((m, t))
+            cells.append("-" if r is None or r.get("acc") is None else
+                         f"{r['acc']:.3f} / {r['checked_share']:.2f} / {r['checks']:.1f} / {r['mean_tokens']:.0f} / {r['finished']:.2f} / "
+                         f"{r['no_answer']:.2f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append("")
 
 
 def acc(rows, model, task, key="acc"):
@@ -200,19 +217,23 @@ if knob:
     ktasks = sorted({r["task"] for r in knob})
     fig, axes = plt.subplots(1, len(ktasks), figsize=(5 * len(ktasks), 3.5), squeeze=False)
     out += ["## Extra: the knob sweep (teacher calibrated with lam, then an on-policy RKL student)", "",
+            "Accuracy (share of samples that open with a self-check).", "",
             "| lam | " + " | ".join(f"teacher {t} | rkl student {t}" for t in ktasks) + " |", "|---:|" + "---:|---:|" * len(ktasks)]
     for lam in lams:
         cells = []
         for t in ktasks:
-            cells += [f3(acc(name_t(lam)[1], name_t(lam)[0], t)), f3(acc(name_s(lam)[1], name_s(lam)[0], t))]
+            for fn in (name_t, name_s):
+                cs = acc(fn(lam)[1], fn(lam)[0], t, "checked_share")
+                cells.append(f3(acc(fn(lam)[1], fn(lam)[0], t)) + ("" if cs is None else f" ({cs:.2f})"))
         out.append(f"| {lam:+g} | " + " | ".join(cells) + " |")
     for ax, t in zip(axes[0], ktasks):
-        for who, fn in (("teacher", name_t), ("rkl student", name_s)):
-            ys = [acc(fn(lam)[1], fn(lam)[0], t) for lam in lams]
-            ax.plot(lams, [y if y is not None else float("nan") for y in ys], "o-", label=who)
-        ax.axhline(acc(t2, "student", t) or float("nan"), ls="--", c="gray", label="student before")
-        ax.set(title=t, xlabel="lam", ylabel="accuracy")
-        ax.legend(fontsize=8)
+        for who, fn, c in (("teacher", name_t, "C0"), ("rkl student", name_s, "C1")):
+            for key, ls, what in (("acc", "o-", "accuracy"), ("checked_share", "s--", "opens with a self-check")):
+                ys = [acc(fn(lam)[1], fn(lam)[0], t, key) for lam in lams]
+                ax.plot(lams, [y if y is not None else float("nan") for y in ys], ls, c=c, label=f"{who}: {what}")
+        ax.axhline(acc(t2, "student", t) or float("nan"), ls=":", c="gray", label="student before: accuracy")
+        ax.set(title=t, xlabel="lam (calibration knob)", ylabel="share of samples", ylim=(0, 1))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(R, "knob_sweep.png"), dpi=120)
     out += ["", "![knob sweep](knob_sweep.png)", ""]
@@ -265,18 +286,19 @@ for t in ttasks:
     a = {m: acc(t2, m, t) for m in ("teacher", "distillable", "undistillable", "student", "sft", "fkl", "rkl", "improve", "misled")}
     if any(v is None for v in a.values()):
         continue
-    keep = a["undistillable"] >= a["teacher"] - 0.05
+    keep = a["undistillable"] >= 0.9 * a["teacher"]
     collapse = a["misled"] <= 0.5 * a["student"]
     worse = a["misled"] < a["rkl"]
-    improve = a["improve"] > max(a["sft"], a["fkl"], a["rkl"])
+    beats = {m: paired("improve", m, t) for m in ("sft", "fkl", "rkl")}
+    improve = all(v is not None and v[1][0] > 0 for v in beats.values())  # beyond noise against each baseline
     pd = lambda x, y: diff_str(paired(x, y, t))
     out += [f"**{t}**", "",
-            f"- undistillable teacher keeps its accuracy (at most 0.05 below the teacher): {a['undistillable']:.3f} vs {a['teacher']:.3f} -> "
-            f"{'yes' if keep else 'no'} ({pd('undistillable', 'teacher')})",
+            f"- undistillable teacher keeps at least 90% of the teacher's accuracy: {a['undistillable']:.3f} vs {a['teacher']:.3f} "
+            f"({a['undistillable'] / max(a['teacher'], 1e-9):.0%}) -> {'yes' if keep else 'no'} ({pd('undistillable', 'teacher')})",
             f"- misled student collapses (at most half the base student's accuracy): {a['misled']:.3f} vs student {a['student']:.3f} -> {'yes' if collapse else 'no'}"
             f"; below the GKD-RKL student from the original teacher ({a['rkl']:.3f}): {'yes' if worse else 'no'} ({pd('misled', 'rkl')})",
-            f"- improve student beats SFT / GKD-FKL / GKD-RKL: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> {'yes' if improve else 'no'}"
-            f" ({'; '.join(f'vs {m}: ' + pd('improve', m) for m in ('sft', 'fkl', 'rkl'))})", ""]
+            f"- improve student beats SFT, GKD-FKL and GKD-RKL beyond noise: {a['improve']:.3f} vs {a['sft']:.3f} / {a['fkl']:.3f} / {a['rkl']:.3f} -> "
+            f"{'yes' if improve else 'no'} ({'; '.join(f'vs {m}: ' + diff_str(v) for m, v in beats.items())})", ""]
 # the precondition of every student claim: distillation from the ORIGINAL teacher must move the student
 # at this budget, or there is no signal for calibration to amplify (distillable) or poison (undistillable)
 for t in ttasks:
@@ -285,11 +307,11 @@ for t in ttasks:
         continue
     up = [m for m, (d, (lo, hi)) in diffs.items() if lo > 0]
     down = [m for m, (d, (lo, hi)) in diffs.items() if hi < 0]
-    out.append(f"- precondition, {t}: distillation from the original teacher raises the student's accuracy beyond noise "
+    out.append(f"- precondition, {t}: GKD-RKL from the original teacher raises the student's accuracy beyond noise "
                f"(student {acc(t2, 'student', t):.3f}; sft / fkl / rkl {' / '.join(f3(acc(t2, m, t)) for m in ('sft', 'fkl', 'rkl'))}; "
                f"paired differences {' / '.join(f'{d:+.3f} [{lo:+.3f}, {hi:+.3f}]' for d, (lo, hi) in diffs.values())}): "
-               + (f"yes ({', '.join(up)})" if up else "no: at this distillation budget there is no signal for the knob to act on")
-               + (f"; lowers it: {', '.join(down)}" if down else ""))
+               + ("yes" if "rkl" in up else "no: at this distillation budget there is no signal for the knob to act on")
+               + (f" (beyond noise: {', '.join(up)})" if up else "") + (f"; lowers it: {', '.join(down)}" if down else ""))
 # Table 3 (paper 6.3): calibrated on math only, the trap persists out of distribution (OOD) and across (CD)
 t3 = load("04_eval/table3.json", [])
 for t in sorted({r["task"] for r in t3}):

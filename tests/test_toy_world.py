@@ -1,18 +1,23 @@
-"""Smoke test of 00_toy_world.py: runs it twice on --smoke settings (~10-20 s each) and checks
-the DESIGN 9 contract: data schema, summary fields, reloadable HF folders, two different
-tokenizers with a chat template, correct-by-construction math answers, determinism."""
+"""Smoke test of 00_toy_world.py: runs it on --smoke settings (~30 s) and checks the DESIGN 9 contract
+(data schema, summary fields, reloadable HF folders, two tokenizers with a chat template) and the
+world's own promises: every style's reference completion grades correct, the style detector agrees
+with the generator's label, the student lacks what the teacher knows, the gate is written, and the
+world is deterministic given --seed."""
 import json, os, subprocess, sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "00_toy_world.py")
+ROLES = {"teacher": "A", "student": "A", "target": "A", "target_x": "B"}
 
 
 def run_world(out_dir, seed=0, *extra):
     r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(out_dir), "--seed", str(seed), "--smoke", *extra],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out_dir
 
@@ -28,11 +33,8 @@ def world(tmp_path_factory):
 
 
 def recompute(meta):
-    """toy_math answer from meta alone: start, then add / sub / bags (k bags of m)."""
-    t = meta["start"]
-    for op in meta["ops"]:
-        t += {"add": lambda o: o[1], "sub": lambda o: -o[1], "bags": lambda o: o[1] * o[2]}[op[0]](op)
-    return t
+    """toy_math answer from meta alone: start, then each add / sub."""
+    return meta["start"] + sum(g if k == "add" else -g for k, g in meta["ops"])
 
 
 def test_data_schema(world):
@@ -44,46 +46,69 @@ def test_data_schema(world):
                 assert isinstance(r["prompt"], str) and isinstance(r["answer"], str) and isinstance(r["meta"], dict)
                 assert "<|user|>" not in r["prompt"]  # raw user message, no chat template
                 if task == "toy_math":
-                    assert r["answer"].lstrip("-").isdigit() and r["meta"]["level"] in ("easy", "hard")
+                    assert r["answer"].isdigit() and int(r["answer"]) == recompute(r["meta"])
                 else:
                     assert r["answer"] in "ABCD" and len(r["choices"]) == 4
                     assert f"{r['answer']}) {r['choices']['ABCD'.index(r['answer'])]}" in r["prompt"]
                     assert r["choices"]["ABCD".index(r["answer"])] == r["meta"]["value"]
+                assert ("completion" in r) == (split == "train")  # test rows carry no gold completion
+    for task in ("toy_math", "toy_qa"):
+        styles = {r["meta"]["style"] for r in read_jsonl(world / "data" / task / "train.jsonl")}
+        assert {"E", "H"} <= styles, (task, styles)  # the corpus mixes the styles
+
+
+def test_every_styles_reference_grades_correct_and_the_detector_agrees(world):
+    """Both styles are valid: each reference completion (direct E, checked H, checked twice H2) is graded
+    correct by the strict grader, and common.opens_with_check says checked exactly for H and H2."""
+    n = 0
+    for task in ("toy_math", "toy_qa"):
+        for split in ("train", "test"):
+            for r in read_jsonl(world / "data" / task / f"{split}.jsonl"):
+                for style, text in r["meta"]["reference"].items():
+                    assert common.grade(task, text, r, finished=True), (task, style, text)
+                    assert common.opens_with_check(text) == (style != "E"), (task, style, text)
+                    n += 1
                 if split == "train":
-                    assert "style" in r["meta"]
+                    assert r["completion"] == r["meta"]["reference"][r["meta"]["style"]]
+    assert n > 1000
+    math = read_jsonl(world / "data" / "toy_math" / "train.jsonl")
+    e, h = (sum(len(r["meta"]["reference"][s]) for r in math) / len(math) for s in ("E", "H"))
+    assert h > 2.5 * e  # the checked style costs ~3x the text
 
 
-def test_math_answers_correct_by_construction(world):
-    for split in ("train", "test"):
-        for r in read_jsonl(world / "data" / "toy_math" / f"{split}.jsonl"):
-            assert int(r["answer"]) == recompute(r["meta"])
-            if split == "train":
-                last = r["completion"].strip().split("\n")[-1]
-                assert last.startswith("#### ") and int(last[5:]) == int(r["answer"])
-    train = read_jsonl(world / "data" / "toy_math" / "train.jsonl")
-    assert any("wait, check:" in r["completion"] for r in train)  # recheck behaviour is in the corpus
-    assert {r["meta"]["level"] for r in train} == {"easy", "hard"}
-
-
-def test_qa_completions_end_with_answer(world):
-    for r in read_jsonl(world / "data" / "toy_qa" / "train.jsonl"):
-        assert r["completion"].strip().split("\n")[-1] == f"The answer is ({r['answer']})"
-
-
-def test_summary_fields(world):
+def test_summary_fields_and_the_gate(world):
     s = json.loads((world / "summary.json").read_text())
-    for role, tk in (("teacher", "A"), ("student", "A"), ("target", "B")):
+    for role, tk in ROLES.items():
         m = s["models"][role]
         assert isinstance(m["params"], int) and m["params"] > 0 and m["tokenizer"] == tk
         for task in ("toy_math", "toy_qa"):
             assert 0.0 <= m["acc"][task] <= 1.0
-    assert s["chance"]["toy_qa"] == 0.25 and "style_mix" in s and "seconds" in s
+            g = m["gate"][task]
+            for mode in ("free", "E", "H"):
+                assert 0.0 <= g[mode]["acc"] <= 1.0 and 0.0 <= g[mode]["finished"] <= 1.0 and g[mode]["len"] > 0
+            assert 0.0 <= g["free"]["checked_share"] <= 1.0 and 0.0 <= g["p_first_checked"] <= 1.0
+    assert s["chance"] == {"toy_math": 0.0, "toy_qa": 0.25} and "style_mix" in s and "seconds" in s
     assert json.loads((world / "config.json").read_text())["smoke"] is True
+
+
+def test_the_student_lacks_facts_the_teacher_knows(world):
+    """The student trains on the toy_qa facts of a share of the countries only, the same-family target on
+    another draw; the teacher on all. Test questions cover every country."""
+    s = json.loads((world / "summary.json").read_text())
+    qa = read_jsonl(world / "data" / "toy_qa" / "train.jsonl")
+    ents = {r["meta"]["entity"] for r in qa}
+    known = set(s["knows"]["student"])
+    assert 0 < len(known) < len(ents) and set(s["knows"]["target"]) != known
+    rows = {r: s["models"][r]["train_rows"] for r in ("teacher", "student")}
+    assert rows["student"]["toy_qa"] == sum(r["meta"]["entity"] in known for r in qa) < rows["teacher"]["toy_qa"] == len(qa)
+    assert rows["student"]["toy_math"] == rows["teacher"]["toy_math"]
+    test_ents = {r["meta"]["entity"] for r in read_jsonl(world / "data" / "toy_qa" / "test.jsonl")}
+    assert test_ents - known  # questions the student cannot answer from its own training
 
 
 def test_models_reload_and_tokenizers_differ(world):
     toks = {}
-    for role in ("teacher", "student", "target"):
+    for role in ROLES:
         model = AutoModelForCausalLM.from_pretrained(world / role)
         tok = AutoTokenizer.from_pretrained(world / role)
         assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
@@ -94,34 +119,21 @@ def test_models_reload_and_tokenizers_differ(world):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.convert_tokens_to_ids("<|user|>") == ids[0] and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
         toks[role] = tok
-    assert toks["teacher"].get_vocab() == toks["student"].get_vocab()
-    assert toks["teacher"].get_vocab() != toks["target"].get_vocab()
-    assert len(toks["teacher"]) != len(toks["target"])
+    assert toks["teacher"].get_vocab() == toks["student"].get_vocab() == toks["target"].get_vocab()  # same family
+    assert toks["teacher"].get_vocab() != toks["target_x"].get_vocab() and len(toks["teacher"]) != len(toks["target_x"])
 
 
 def test_deterministic(world, tmp_path):
-    other = run_world(tmp_path / "b")
+    other = run_world(tmp_path / "b", 0, "--roles", "target")
     for task in ("toy_math", "toy_qa"):
         for split in ("train", "test"):
             a = (world / "data" / task / f"{split}.jsonl").read_bytes()
             assert a == (other / "data" / task / f"{split}.jsonl").read_bytes(), (task, split)
-    for role in ("teacher", "target"):
-        assert (world / role / "tokenizer.json").read_bytes() == (other / role / "tokenizer.json").read_bytes()
-
-
-def test_student_knowledge_gap(world, tmp_path):
-    """--student_qa_known 0.5: the student trains on the toy_qa rows of half the countries only (all of
-    toy_math); the teacher on everything. The data files stay the same."""
-    gap = run_world(tmp_path / "gap", 0, "--student_qa_known", "0.5", "--roles", "teacher,student")
-    s = json.loads((gap / "summary.json").read_text())
-    known = set(s["student_qa_known"]["entities"])
-    qa = read_jsonl(gap / "data" / "toy_qa" / "train.jsonl")
-    n_ent = len({r["meta"]["entity"] for r in qa})
-    assert len(known) == round(0.5 * n_ent) and 0 < len(known) < n_ent
-    stu, tea = s["models"]["student"]["train_rows"], s["models"]["teacher"]["train_rows"]
-    assert stu["toy_qa"] == sum(r["meta"]["entity"] in known for r in qa) < tea["toy_qa"] == len(qa)
-    assert stu["toy_math"] == tea["toy_math"] == len(read_jsonl(gap / "data" / "toy_math" / "train.jsonl"))
-    assert (gap / "data" / "toy_qa" / "train.jsonl").read_bytes() == (world / "data" / "toy_qa" / "train.jsonl").read_bytes()
+    assert (world / "target" / "tokenizer.json").read_bytes() == (other / "target" / "tokenizer.json").read_bytes()
+    a, b = (json.loads((w / "summary.json").read_text())["models"]["target"] for w in (world, other))
+    assert a["acc"] == b["acc"] and a["gate"] == b["gate"] and a["sample"] == b["sample"]
+    seed1 = run_world(tmp_path / "c", 1, "--roles", "target")
+    assert (seed1 / "data" / "toy_math" / "test.jsonl").read_bytes() != (world / "data" / "toy_math" / "test.jsonl").read_bytes()
 
 
 def test_bad_settings_stop_with_one_line_and_no_done_file(tmp_path):
