@@ -828,7 +828,7 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
     # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs)
     out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     logits = out.logits[:, -1, :].float()
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -843,6 +843,7 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     rows = torch.arange(B, device=dev)  # which original rows are still in the batch
     done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row of the current batch
     next_pos = pos_BT[:, -1:] + 1
+    cache_arg = _cache_arg(model)
     for t in range(max_new_tokens):
         if greedy or temperature == 0:
             tok = logits.argmax(-1)
@@ -860,9 +861,24 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
             cache.batch_select_indices(keep)
             rows, tok, mask_BT, next_pos, done = rows[keep], tok[keep], mask_BT[keep], next_pos[keep], done[keep]
         mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :].float(), next_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, use_cache=True,
+                    **{cache_arg: cache})
+        cache, logits, next_pos = _cache_of(out), out.logits[:, -1, :].float(), next_pos + 1
     return out_ids.cpu(), lens.cpu(), fin.cpu()
+
+
+def _cache_arg(model):
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (`past_key_values`
+    is deprecated there and goes in 5.40), `past_key_values` before. Read from the signature, not the
+    version, so a model class that lags either way still gets the name it knows."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The returned KV cache under its new name (`out.cache`) or, before transformers 5.24, the old one."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _eos_ids(tokenizer, model):

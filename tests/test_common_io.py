@@ -268,6 +268,20 @@ def test_generate_n_samples_lengths_and_greedy_matches_hf(tok, tiny_pair):
         assert o["ids"] == ref.tolist()
 
 
+def test_sampler_hands_over_the_kv_cache_without_a_deprecated_argument(tok, tiny_pair):
+    """transformers 5.24+ deprecates `past_key_values` (removed in 5.40): the sampler passes `cache` where the
+    model takes it, also through a peft wrapper, and the samples equal HF's greedy decoding (test above)."""
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    from tests.conftest import tiny_llama
+    peft_model = get_peft_model(tiny_llama(len(tok), tok=tok, seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for model in (tiny_pair[0], peft_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = C.generate(model, tok, ["<|user|>hi\n<|assistant|>"], n=2, max_new_tokens=6, seed=0)
+        assert len(out) == 2 and all(len(o["ids"]) >= 1 for o in out)
+
+
 def test_generate_stops_at_eos_and_padding_side_does_not_matter(tok):
     from tests.conftest import tiny_llama
     m = tiny_llama(len(tok), tok=tok)
