@@ -7,6 +7,7 @@ Shape suffixes in comments: B batch, T time (tokens), V vocabulary, N flattened 
 G group size, P prompts.
 """
 import argparse
+import contextlib
 import errno
 import functools
 import gc
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -234,8 +236,13 @@ def fmt_secs(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+PROGRESS_SECS = float(os.environ.get("PROGRESS_SECS", "10"))  # most seconds a long loop stays silent
+_line_open = False  # progress() left a \r-line without its newline
+
+
 def progress(done, total, t0, what="", unit="it", extra=""):
     """One overwritten line with rate and ETA: `what 12/200 | 3.4 it/s | eta 55.1s`."""
+    global _line_open
     el = time.time() - t0
     rate = done / el if el > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
@@ -244,6 +251,34 @@ def progress(done, total, t0, what="", unit="it", extra=""):
         line += f" | {extra}"
     end = "\n" if done >= total else ""
     print(line, end=end, file=sys.stderr, flush=True)
+    _line_open = done < total
+
+
+def progress_line(text):
+    """A whole progress line on stderr, below an open progress() line rather than glued to it."""
+    global _line_open
+    print(("\n" if _line_open else "") + text, file=sys.stderr, flush=True)
+    _line_open = False
+
+
+@contextlib.contextmanager
+def heartbeat(status, every=None):
+    """While the block runs, a daemon thread prints status() every `every` seconds (PROGRESS_SECS). For loops
+    whose single step can take minutes (a forward pass of a real model on a CPU, a reward model's batch): a
+    line per finished batch would leave the screen silent that long, and the user would think it hung."""
+    every = PROGRESS_SECS if every is None else every
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            progress_line(status())
+    th = threading.Thread(target=beat, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
 
 
 # -----------------------------------------------------------------------------
@@ -354,22 +389,41 @@ LETTERS = "ABCDEFGHIJKLMNOP"
 # same for every seed) is our test split and the rest train, so no training prompt is ever evaluated.
 # BigMath levels are open-r1's processing of Big-Math: quintiles of the Llama-3.1-8B solve rate, level 5
 # the hardest. Vicuna's 80 questions are evaluation only. The real-task column maps say how a hub row
-# becomes {prompt, answer, choices}; a local jsonl/parquet file must already have those columns.
+# becomes {prompt, answer, choices}; a local file is mapped by load_task (--prompt_field etc., or common names).
+# max_new_tokens: the completion budget a stage uses for the task unless --max_new_tokens is given. Strict
+# grading credits only finished completions, so a budget must let most of them finish (warn_cutoffs
+# complains above 20% cut off); a larger one costs only the time of the completions that need it.
 TASKS = {
-    "toy_math": {"kind": "math", "toy": True},
-    "toy_qa": {"kind": "mc", "toy": True},
-    "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}},
+    "toy_math": {"kind": "math", "toy": True, "max_new_tokens": 128},  # placeholder: the toy world sets its own
+    "toy_qa": {"kind": "mc", "toy": True, "max_new_tokens": 128},      # placeholder: the toy world sets its own
+    # grade-school word problems: 2-8 steps; a 0.5-1.5B instruct model's worked solution is ~150-350 tokens
+    "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}, "max_new_tokens": 512},
+    # competition-style problems, levels 4-5 the hardest: long derivations, and reasoning models run longer still
     "bigmath_l4": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_4"), "splits": {"train": "train", "test": "train"},
-                   "holdout": True},
+                   "holdout": True, "max_new_tokens": 2048},
     "bigmath_l5": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_5"), "splits": {"train": "train", "test": "train"},
-                   "holdout": True},
-    "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}},
-    "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}},
-    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
-    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
-    "vicuna": {"kind": "open", "hub": ("MiniLLM/Vicuna", None), "data_files": "valid.jsonl", "splits": {"test": "train"}},
-    "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic"},
+                   "holdout": True, "max_new_tokens": 2048},
+    # commonsense, 5 options: a few sentences of reasoning, then 'The answer is (X)'
+    "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}, "max_new_tokens": 256},
+    # 10 options, half of them STEM questions that need a worked calculation before the letter
+    "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}, "max_new_tokens": 512},
+    # graduate-level, 4-10 options, calculation-heavy like MMLU-Pro's STEM half
+    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}, "holdout": True,
+                  "max_new_tokens": 512},
+    # open-ended instructions: answers of a few paragraphs (no grader; the reward model reads the whole answer)
+    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}, "holdout": True,
+              "max_new_tokens": 1024},
+    "vicuna": {"kind": "open", "hub": ("MiniLLM/Vicuna", None), "data_files": "valid.jsonl", "splits": {"test": "train"}, "max_new_tokens": 1024},
+    # GSM-style problems made by reasoning-gym: gsm8k's length
+    "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic", "max_new_tokens": 512},
 }
+
+
+def task_budget(task, max_new_tokens=None):
+    """The completion budget for `task`: max_new_tokens when given (a stage's --max_new_tokens), else the
+    task's own (TASKS[task]["max_new_tokens"])."""
+    task_kind(task)  # an unknown task: one clear line
+    return int(max_new_tokens) if max_new_tokens else TASKS[task]["max_new_tokens"]
 
 
 def task_kind(task):
@@ -816,12 +870,16 @@ def vllm_sync_weights(engine, model):
 
 
 @torch.no_grad()
-def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy):
+def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy, label="generate"):
     """Batched sampling with a KV cache. Each prompt is prefilled once and its cache repeated n
     times (not n prefills). Left padding with explicit position ids so every row starts its
     completion at its own length. Rows that have sampled eos leave the batch (and the cache) as
     soon as a quarter of the batch has finished, so a batch costs its typical length, not its
-    longest. Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
+    longest. A batch of a real model on a CPU runs for minutes: every 8 decode steps the clock is
+    read, and after PROGRESS_SECS a line `label | token t/max | rows running | tokens | tok/s | batch
+    eta <= ...` is printed (the eta assumes every running row goes to max_new_tokens: an upper bound).
+    Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
+    t_start = t_last = time.time()
     dev = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
@@ -856,6 +914,12 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
         done |= new
         if done.all() or t == max_new_tokens - 1:
             break
+        if t % 8 == 7 and time.time() - t_last >= PROGRESS_SECS:
+            t_last = time.time()
+            n_tok = int(lens.clamp(max=t + 1).sum())  # finished rows: their length; running rows: t + 1
+            el = t_last - t_start
+            progress_line(f"{label} | token {t + 1}/{max_new_tokens} | {int((~done).sum())}/{B} rows running | {n_tok} tokens | "
+                          f"{n_tok / el:.1f} tok/s | batch eta <= {fmt_secs(el / (t + 1) * (max_new_tokens - t - 1))}")
         if done.sum() * 4 >= len(done):  # drop finished rows from batch and cache
             keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
@@ -902,11 +966,12 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     model.eval()
     res = []
     per = max(1, batch_size // n)
-    t0 = time.time()
+    t0, n_batches = time.time(), -(-len(prompts) // per)
     for b, s in enumerate(range(0, len(prompts), per)):
         torch.manual_seed(seed * 100_003 + b)
         chunk = prompts[s:s + per]
-        ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy)
+        ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy,
+                                    label=f"{show or 'generate'} batch {b + 1}/{n_batches}")
         for r in range(ids.shape[0]):
             c = ids[r, :lens[r]].tolist()
             res.append({"i": s + r // n, "text": tokenizer.decode(c, skip_special_tokens=True), "ids": c, "finished": bool(fin[r])})
@@ -914,6 +979,24 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
             progress(min(s + per, len(prompts)), len(prompts), t0, show, "prompts")
     model.train(was_training)
     return res
+
+
+def generate_by_budget(model, tokenizer, prompts, budgets, n=1, seed=0, **kw):
+    """generate() with a token budget per prompt (its task's, task_budget): the prompts that share a budget
+    are sampled together, so a step that pools tasks gives each its own limit. Returns generate()'s flat
+    list in the same order (prompt-major, "i" indexes `prompts`). With a single budget this is generate()
+    itself, same seed, same samples; with several, the smallest budget's group keeps `seed` and each other
+    group gets a seed derived from (seed, budget), so a rerun samples the same and groups share no noise."""
+    groups = sorted(set(budgets))
+    if len(groups) == 1:
+        return generate(model, tokenizer, prompts, n=n, max_new_tokens=groups[0], seed=seed, **kw)
+    res = []
+    for g, budget in enumerate(groups):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        s = seed if g == 0 else int(hashlib.sha256(f"{seed}/{budget}".encode()).hexdigest()[:8], 16)
+        for o in generate(model, tokenizer, [prompts[i] for i in idx], n=n, max_new_tokens=budget, seed=s, **kw):
+            res.append({**o, "i": idx[o["i"]]})
+    return sorted(res, key=lambda o: o["i"])  # stable: each prompt's samples keep their order
 
 
 def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
@@ -1427,18 +1510,21 @@ def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, ma
     dev = next(rm.parameters()).device
     texts = [rm_text(tokenizer, q, c, max_len) for q, c in zip(questions, completions)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
-    out, t0 = [0.0] * len(texts), time.time()
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
-                        truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
-        h_bLH = rm.base_model(**enc).last_hidden_state
-        last_b = enc["attention_mask"].sum(-1) - 1
-        scores = head(h_bLH[torch.arange(len(idx), device=dev), last_b])[:, 0].float().cpu().tolist()  # (b,)
-        for i, v in zip(idx, scores):
-            out[i] = v
-        if show:
-            progress(min(s + batch_size, len(order)), len(order), t0, show, "seqs")
+    out, t0, at = [0.0] * len(texts), time.time(), [0]
+    beat = heartbeat(lambda: f"{show}: {at[0]}/{len(texts)} seqs scored | {fmt_secs(time.time() - t0)} so far") if show else contextlib.nullcontext()
+    with beat:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
+                            truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
+            h_bLH = rm.base_model(**enc).last_hidden_state
+            last_b = enc["attention_mask"].sum(-1) - 1
+            scores = head(h_bLH[torch.arange(len(idx), device=dev), last_b])[:, 0].float().cpu().tolist()  # (b,)
+            for i, v in zip(idx, scores):
+                out[i] = v
+            at[0] = min(s + batch_size, len(order))
+            if show:
+                progress(at[0], len(order), t0, show, "seqs")
     return out
 
 
