@@ -82,7 +82,7 @@ p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing 
                "activation memory of one layer instead of all)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = off)")
-p.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (samples and eval)")
+p.add_argument("--max_new_tokens", type=int, default=None, help="completion length cap, samples and eval (default: each task's own, common.TASKS)")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student samples")
 p.add_argument("--n_prompts", type=int, default=64, help="train prompts per task")
 p.add_argument("--teacher_samples", type=int, default=4, help="teacher samples per train prompt (off-policy pool)")
@@ -115,6 +115,8 @@ if args.method == "sft" and args.topk:
 if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta == 1)):
     # KL(s||t) puts the student's mass outside the teacher's k tokens against log 0: infinite
     common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
+args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
+budget = args.max_new_tokens_per_task
 if os.path.exists(os.path.join(args.out_dir, "ckpt", "state.pt")):
     common.check_resume(args.out_dir, args)  # a resume must be the same run
 cfg = common.write_config(args.out_dir, args)
@@ -171,7 +173,7 @@ def teacher_pool():
             common.die(f"--gold: {','.join(missing)} rows have no reference 'completion' field; drop --gold or use toy tasks")
         return [{"i": i, "text": x["row"]["completion"], "ids": None, "finished": True} for i, x in enumerate(train)]
     path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
-    key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
+    key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens_per_task", "temperature", "seed")}
     key.update(teacher_stamp=common.model_stamp(args.teacher), backend=backend)  # a retrained teacher samples anew
     cached = common.load_cached(path, key)
     if cached is not None:
@@ -179,14 +181,15 @@ def teacher_pool():
     t0 = time.time()
     if backend == "vllm":  # a short-lived teacher engine, gone before the student's engine starts
         tps = [x["tp"] for x in train]
-        eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, args.max_new_tokens))
-        outs = common.generate(None, ttok, tps, n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
+        eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, max(budget.values())))
+        outs = common.generate_by_budget(None, ttok, tps, [budget[x["task"]] for x in train], n=args.teacher_samples,
+                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
         del eng
         common.release_memory()
     else:
-        outs = common.generate(teacher, ttok, [x["tp"] for x in train], n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed, batch_size=256, show="teacher samples")
+        outs = common.generate_by_budget(teacher, ttok, [x["tp"] for x in train], [budget[x["task"]] for x in train],
+                                         n=args.teacher_samples, temperature=args.temperature, seed=args.seed, batch_size=256,
+                                         show="teacher samples")
     samples = [{"i": o["i"], "text": o["text"], "ids": o["ids"], "finished": o["finished"]} for o in outs]
     common.atomic_write_json(path, {"key": key, "samples": samples})
     print(f"teacher samples: {len(samples)} in {time.time() - t0:.1f}s", flush=True)
@@ -209,12 +212,14 @@ def take(order_name, n_items, k, state):
 
 def evaluate():
     """Greedy held-out accuracy per task (and the mean), from the live student."""
-    outs = common.generate(student, stok, [x["sp"] for x in test], max_new_tokens=args.max_new_tokens, greedy=True,
-                           backend=backend, engine=engine)
+    outs = common.generate_by_budget(student, stok, [x["sp"] for x in test], [budget[x["task"]] for x in test], greedy=True,
+                                     backend=backend, engine=engine, show="eval")
     acc = {}
     for task in args.tasks:
         g = [common.grade(task, o["text"], test[o["i"]]["row"], o["finished"]) for o in outs if test[o["i"]]["task"] == task]
         acc[task] = float(np.mean(g)) if g and g[0] is not None else None
+        if g:
+            common.warn_cutoffs(f"eval {task}", float(np.mean([o["finished"] for o in outs if test[o["i"]]["task"] == task])), budget[task])
     vals = [a for a in acc.values() if a is not None]
     return (float(np.mean(vals)) if vals else None), acc
 
@@ -277,7 +282,7 @@ pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
     engine = common.make_vllm_engine(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_mem,
-                                     max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
+                                     max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], max(budget.values())))
     if start:
         common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
 
@@ -295,18 +300,22 @@ if "acc_before" not in summary:
 
 # ----------------------------------------------------------------------------- loop
 t_loop, last_saved = time.time(), start
+# what the loop is doing and since when: a real model's loss and backward on a CPU take minutes (generation prints its own)
+phase = [None, time.time()]
+stop_beat = common.start_heartbeat(lambda: phase[0] and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 for step in range(start + 1, args.steps + 1):
     t0 = time.time()
     # the coin and the sampling seed depend only on (seed, step): a resumed run flips the same coins
     onpolicy = random.Random(args.seed * 1_000_003 + step).random() < args.lmbda
     if onpolicy:
         items = [train[i] for i in take("prompt_cursor", len(train), args.batch_size, state)]
-        comps = common.generate(student, stok, [x["sp"] for x in items], max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, seed=args.seed * 1_000_003 + step, backend=backend, engine=engine)
+        comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
+                                          temperature=args.temperature, seed=args.seed * 1_000_003 + step, backend=backend, engine=engine)
     else:
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
     student.train()
+    phase[:] = [f"step {step}/{args.steps}: loss and backward over {len(items)} sequences", time.time()]
     good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
     opt.zero_grad(set_to_none=True)
     # the loss is the mean over the whole batch's completion tokens; with --micro_batch each part
@@ -332,6 +341,7 @@ for step in range(start + 1, args.steps + 1):
         common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
     row = {"step": step, "loss": loss, "kl": loss if BETA is not None else None, "len": mean_len,
            "onpolicy": onpolicy, "grad_norm": gnorm.item()}
+    phase[0] = None
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
         row["acc"], row["acc_tasks"] = evaluate()
     el = time.time() - t_loop
@@ -345,6 +355,8 @@ for step in range(start + 1, args.steps + 1):
     if step % args.save_every == 0 or step == args.steps:
         save_ckpt(step, state)
         last_saved = step
+
+stop_beat()
 
 # ----------------------------------------------------------------------------- outputs
 last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) and os.path.getsize(metrics_path) else {}

@@ -261,24 +261,36 @@ def progress_line(text):
     _line_open = False
 
 
-@contextlib.contextmanager
-def heartbeat(status, every=None):
-    """While the block runs, a daemon thread prints status() every `every` seconds (PROGRESS_SECS). For loops
-    whose single step can take minutes (a forward pass of a real model on a CPU, a reward model's batch): a
-    line per finished batch would leave the screen silent that long, and the user would think it hung."""
+def start_heartbeat(status, every=None):
+    """A daemon thread prints status() every `every` seconds (PROGRESS_SECS) until the returned stop() is
+    called; a None status prints nothing (e.g. while the sampler prints its own lines). For loops whose
+    single step can take minutes (a forward pass of a real model on a CPU, a reward model's batch): a
+    line per finished step would leave the screen silent that long, and the user would think it hung."""
     every = PROGRESS_SECS if every is None else every
     stop = threading.Event()
 
     def beat():
         while not stop.wait(every):
-            progress_line(status())
+            line = status()
+            if line:
+                progress_line(line)
     th = threading.Thread(target=beat, daemon=True)
     th.start()
+
+    def stop_beat():
+        stop.set()
+        th.join()
+    return stop_beat
+
+
+@contextlib.contextmanager
+def heartbeat(status, every=None):
+    """start_heartbeat for the duration of a with-block."""
+    stop_beat = start_heartbeat(status, every)
     try:
         yield
     finally:
-        stop.set()
-        th.join()
+        stop_beat()
 
 
 # -----------------------------------------------------------------------------
