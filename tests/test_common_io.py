@@ -299,6 +299,45 @@ def test_generate_stops_at_eos_and_padding_side_does_not_matter(tok):
     tok.padding_side = "left"
 
 
+def test_every_task_has_a_budget_and_the_flag_overrides_it():
+    assert all(isinstance(spec["max_new_tokens"], int) and spec["max_new_tokens"] > 0 for spec in C.TASKS.values())
+    assert C.task_budget("gsm8k") == C.TASKS["gsm8k"]["max_new_tokens"] and C.task_budget("gsm8k", 64) == 64
+    assert C.task_budget("bigmath_l5") > C.task_budget("gsm8k") > C.task_budget("csqa")  # long derivations > word problems > mc
+    with pytest.raises(C.BadInput, match="unknown task"):
+        C.task_budget("gsm9k")
+
+
+def test_generate_by_budget_gives_each_prompt_its_own_limit(tok, tiny_pair):
+    model, _ = tiny_pair
+    prompts = ["<|user|>what is 2+3?\n<|assistant|>", "<|user|>hi\n<|assistant|>", "<|user|>a longer prompt\n<|assistant|>",
+               "<|user|>x\n<|assistant|>"]
+    one = C.generate_by_budget(model, tok, prompts, [9] * 4, n=2, seed=3, batch_size=8)
+    assert [o["ids"] for o in one] == [o["ids"] for o in C.generate(model, tok, prompts, n=2, max_new_tokens=9, seed=3, batch_size=8)]
+    budgets = [4, 30, 4, 30]
+    out = C.generate_by_budget(model, tok, prompts, budgets, n=2, seed=3, batch_size=8)
+    assert [o["i"] for o in out] == [0, 0, 1, 1, 2, 2, 3, 3]  # prompt-major, indices into `prompts`
+    assert all(len(o["ids"]) <= budgets[o["i"]] for o in out)
+    assert max(len(o["ids"]) for o in out if budgets[o["i"]] == 30) > 4  # the long group was not cut at the short limit
+    short = C.generate(model, tok, [prompts[0], prompts[2]], n=2, max_new_tokens=4, seed=3, batch_size=8)  # smallest keeps the seed
+    assert [o["ids"] for o in out if budgets[o["i"]] == 4] == [o["ids"] for o in short]
+    again = C.generate_by_budget(model, tok, prompts, budgets, n=2, seed=3, batch_size=8)
+    assert [o["ids"] for o in out] == [o["ids"] for o in again]
+
+
+def test_a_long_batch_prints_progress_while_it_runs(tok, tiny_pair, monkeypatch, capsys):
+    """Inside one batch (no batch ends before the last token here), a line with tokens, rate and ETA appears."""
+    monkeypatch.setattr(C, "PROGRESS_SECS", 0.0)
+    C.generate(tiny_pair[0], tok, ["<|user|>hi\n<|assistant|>"] * 2, n=2, max_new_tokens=40, seed=0, batch_size=8, show="sample s")
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("sample s batch 1/1 | token 8/40 |")]
+    assert lines and "tokens |" in lines[0] and "tok/s" in lines[0] and "batch eta <=" in lines[0]
+    seen = []
+    with C.heartbeat(lambda: seen.append(1) or "scoring: 3/8 seq done", every=0.05):
+        import time
+        time.sleep(0.3)
+    assert len(seen) >= 2 and "scoring: 3/8 seq done" in capsys.readouterr().err
+
+
 def test_make_text_batch_cross_tokenizer(tok):
     from tests.conftest import char_tokenizer
     tb = char_tokenizer(extra="[]")
