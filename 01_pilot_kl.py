@@ -70,6 +70,10 @@ p.add_argument("--student", required=True, help="student: hub id or HF folder")
 p.add_argument("--teacher_name", default="", help="label in the tables (default: folder or id basename)")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
+p.add_argument("--whole_file", action="store_true", help="one --data file: all of it is the test split (default: a fixed 9:1 train/test split by prompt hash)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=32, help="prompts per task")
 p.add_argument("--n_samples", type=int, default=16, help="rollouts per prompt per model (paper: 16)")
@@ -102,6 +106,8 @@ if args.threads > 0:
     torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 t_start = time.time()
+datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed, **common.data_options(args))
+         for t in args.tasks}  # before the models: a data problem shows in seconds, not after minutes of loading
 tok_s, tok_t = common.load_tokenizer(args.student), common.load_tokenizer(args.teacher)
 student = common.load_model(args.student, device)
 teacher = common.load_model(args.teacher, device)
@@ -186,7 +192,6 @@ def fnum(x, nd=3):
 # so no two sample sets share random numbers and the order of sampling changes nothing. Each model's
 # rollouts are kept in samples_<model>.json: a rerun with the same weights and settings (after the
 # second engine found no GPU memory, say) samples only what is missing.
-datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
 prompts = {(t, m): [common.build_prompt(tk, t, r) for r in datas[t]] for t in args.tasks for m, tk in (("s", tok_s), ("t", tok_t))}
 gens, gen_secs = {}, {t: 0.0 for t in args.tasks}
 for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.student), ("teacher", teacher, tok_t, args.teacher))):

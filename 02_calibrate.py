@@ -74,6 +74,9 @@ p.add_argument("--teacher", required=True, help="HF folder or hub id of the teac
 p.add_argument("--target", required=True, help="calibration target (student or proxy); its tokenizer may differ")
 p.add_argument("--tasks", type=common.csv_list, default="toy_math,toy_qa", help="comma list of verifiable tasks")
 p.add_argument("--data", default=None, help="toy world data folder (D/data), a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
 p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
 # the knob and the objective
 p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")
@@ -156,8 +159,8 @@ print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() f
 
 # training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
 # number of prompts consumed so far, which is all a resume needs to continue the same order
-pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data)]
-held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed) for t in args.tasks}
+pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data, **common.data_options(args))]
+held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed, **common.data_options(args)) for t in args.tasks}
 
 
 def next_prompts(cursor, n):

@@ -69,6 +69,9 @@ p.add_argument("--student", required=True, help="student HF folder or hub id (in
 p.add_argument("--out_dir", required=True, help="where everything is written")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder (D/data), a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
 p.add_argument("--lmbda", type=float, default=None, help="P(on-policy batch); default sft/fkl 0, rkl 1, jsd 0.5")
 p.add_argument("--beta", type=float, default=0.5, help="jsd only: 0 = forward KL, 1 = reverse KL")
 p.add_argument("--topk", type=int, default=0, help="teacher sees only its top-k logits, renormalized (0 = all)")
@@ -156,7 +159,7 @@ opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type 
 train, test = [], []  # items {task, row, sp (student prompt), tp (teacher prompt)}
 for task in args.tasks:
     for split, rows, n in (("train", train, args.n_prompts), ("test", test, args.n_eval)):
-        for r in common.load_task(task, split, data=args.data, n=n, seed=args.seed if split == "train" else 0):
+        for r in common.load_task(task, split, data=args.data, n=n, seed=args.seed if split == "train" else 0, **common.data_options(args)):
             rows.append({"task": task, "row": r, "sp": common.build_prompt(stok, task, r), "tp": common.build_prompt(ttok, task, r)})
 print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmbda {args.lmbda}, beta {BETA}, "
       f"vocab {vocab}, backend {backend}, {common.n_params(student) / 1e6:.2f}M student params", flush=True)

@@ -56,6 +56,10 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--models", required=True, help="comma list name=path (HF folder or hub id); names become file names")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
+p.add_argument("--whole_file", action="store_true", help="one --data file: all of it is the test split (default: a fixed 9:1 train/test split by prompt hash)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=64, help="prompts per task (seeded subset)")
 p.add_argument("--k", type=int, default=16, help="samples per prompt: acc over all, maj@k, pass@k")
@@ -111,7 +115,8 @@ os.makedirs(sample_dir, exist_ok=True)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
 # ----------------------------------------------------------------------------- inputs
-rows = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
+rows = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed, **common.data_options(args))
+        for t in args.tasks}
 for t, r in rows.items():
     if len(r) < args.n_prompts:
         print(f"note: {t} has {len(r)} {args.split} prompts (< --n_prompts {args.n_prompts}); using all of them")

@@ -160,8 +160,31 @@ def append_jsonl(path, row):
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a .jsonl file: one JSON object per line, blank lines skipped (_numbered_jsonl)."""
+    return [r for _, r in _numbered_jsonl(path)]
+
+
+def _numbered_jsonl(path):
+    """[(line number, row)] of a .jsonl file. A line that is not UTF-8, not JSON, or not one JSON object
+    stops with one line naming file:line (BadInput) instead of a traceback from deep inside json."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark from some editors
+            except UnicodeDecodeError as e:
+                die(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start]:#04x}); save the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+            if not isinstance(row, dict):
+                die(f"{path}:{n}: a JSON {type(row).__name__}, not an object; each line must be one object, "
+                    '{"question": ..., "answer": ...} say')
+            rows.append((n, row))
+    return rows
 
 
 def _json_default(o):
@@ -474,37 +497,122 @@ def _check_rows(rows, where):
     return rows
 
 
-def load_task(task, split="test", data=None, n=None, seed=0):
+# column names a local file may use, in order of preference (alpaca-style rows have instruction + input:
+# the instruction is the prompt); --prompt_field / --answer_field / --choices_field name any other
+FIELD_NAMES = {"prompt": ("prompt", "question", "problem", "instruction", "input"),
+               "answer": ("answer", "solution", "output", "target", "response"),
+               "choices": ("choices", "options")}
+_announced = set()  # (file, message) printed once per process, not once per load_task call
+
+
+def _announce(msg):
+    if msg not in _announced:
+        _announced.add(msg)
+        print(msg, flush=True)
+
+
+def final_answer_of(answer):
+    """A reference answer as a grader compares it: gsm8k's worked solution '... #### 1,072' -> '1072', a
+    MATH-style solution with \\boxed{x} -> 'x', anything else unchanged."""
+    if isinstance(answer, str) and "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    if isinstance(answer, str) and "\\boxed" in answer:
+        return _boxed(answer) or answer
+    return answer
+
+
+def map_rows(task, numbered, where, prompt_field=None, answer_field=None, choices_field=None):
+    """Rows of a local file -> {prompt, answer, choices?} plus their other fields. Columns come from the
+    *_field arguments or else the first common name present (FIELD_NAMES); a mapping other than
+    prompt/answer/choices is printed once. Math answers go through final_answer_of (gsm8k's '#### 72'),
+    a multiple-choice answer given as an option index becomes its letter, choices given as
+    {"label": [...], "text": [...]} (ARC, CommonsenseQA) become the texts. numbered: [(line or row
+    number, row)]; a later row without the prompt (or answer) column stops with its file:line."""
+    if not numbered:
+        die(f"no rows in {where}; check the path/split, or rebuild the toy world with `python 00_toy_world.py --out_dir D`")
+    kind, first = task_kind(task), numbered[0][1]
+    needs = {"prompt": True, "answer": kind != "open", "choices": kind == "mc" and not TASKS[task].get("toy")}
+    given = {"prompt": prompt_field, "answer": answer_field, "choices": choices_field}
+    col = {}
+    for role, names in FIELD_NAMES.items():
+        if given[role]:
+            if given[role] not in first:
+                die(f"{where}: no column '{given[role]}' (--{role}_field); its first row has {sorted(first)}")
+            col[role] = given[role]
+        else:
+            col[role] = next((c for c in names if c in first), None)
+            if col[role] is None and needs[role]:
+                die(f"{where} has no {role} column (none of {', '.join(names)}; its first row has {sorted(first)}); "
+                    f"name it with --{role}_field")
+    rows, hashes = [], 0
+    for n, r in numbered:
+        line = f"{where}:{n}" if where.endswith(".jsonl") else f"{where} row {n}"
+        for role in ("prompt", "answer"):
+            if col[role] and r.get(col[role]) is None:
+                die(f"{line}: no '{col[role]}' value (the {role} column of the first row); every row needs one")
+        row = {k: v for k, v in r.items() if k not in {col[x] for x in col if col[x] not in (None, x)}}  # same key order
+        row["prompt"] = str(r[col["prompt"]])
+        answer = r.get(col["answer"], "") if col["answer"] else ""
+        if kind == "math" and final_answer_of(answer) != answer:
+            answer, hashes = final_answer_of(answer), hashes + 1
+        if col["choices"]:
+            ch = r[col["choices"]]
+            row["choices"] = [str(x) for x in (ch["text"] if isinstance(ch, dict) else ch)]
+            if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(row["choices"]):
+                answer = LETTERS[answer]  # an option index (MMLU) -> its letter
+        row["answer"] = answer
+        rows.append(row)
+    if col["prompt"] != "prompt" or col["answer"] not in ("answer", None) or col["choices"] not in ("choices", None) or hashes:
+        _announce(f"data {where}: prompt <- '{col['prompt']}', answer <- '{col['answer']}'"
+                  + (f", choices <- '{col['choices']}'" if col["choices"] else "")
+                  + (f"; {hashes} of {len(rows)} answers are worked solutions, graded on their final answer" if hashes else "")
+                  + " (--prompt_field/--answer_field/--choices_field to choose others)")
+    return rows
+
+
+def load_task(task, split="test", data=None, n=None, seed=0, prompt_field=None, answer_field=None, choices_field=None,
+              whole_file=False):
     """Rows [{prompt, answer, choices?, meta?}].
     data: for toy tasks the toy world's data folder (D/data); for real tasks a local .jsonl/.parquet
-    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only). A single
+    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only). Local columns
+    are mapped by map_rows (prompt_field/answer_field/choices_field, or common names). A single
     file is one split, like the hub's single-split datasets: its fixed tenth by prompt hash
     (in_holdout) is 'test', the rest 'train', so a stage that trains and evaluates on one file
     never evaluates a training prompt (an evaluation-only task, vicuna, keeps all of it for 'test');
-    a folder gives each split its own file.
+    the split is announced with its counts; whole_file=True makes all of the file 'test' (evaluation
+    stages). A folder gives each split its own file.
     n: keep the first n rows after a seeded shuffle (same n, same seed -> same prompts)."""
     spec = TASKS.get(task) or die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    fields = {"prompt_field": prompt_field, "answer_field": answer_field, "choices_field": choices_field}
     if data and not os.path.exists(data):
         die(f"--data {data}: no such file or folder (a toy world's data folder, a .jsonl/.parquet file, or a folder of <task>/<split>.jsonl)")
     if data and os.path.isdir(data):
         path = os.path.join(data, task, f"{split}.jsonl")
         if not os.path.exists(path):
             die(f"missing {path}; for toy tasks pass --data <toy world>/data (made by 00_toy_world.py)")
-        rows = read_jsonl(path)
+        rows = map_rows(task, _numbered_jsonl(path), path, **fields)
     elif data and data.endswith((".jsonl", ".parquet")):
         if data.endswith(".jsonl"):
-            rows = read_jsonl(data)
+            rows = map_rows(task, _numbered_jsonl(data), data, **fields)
         else:
             import datasets
-            rows = list(datasets.load_dataset("parquet", data_files=data, split="train"))
-        rows = _check_rows(rows, data)
-        if "train" in spec.get("splits", {"train": None}):
+            rows = map_rows(task, list(enumerate(datasets.load_dataset("parquet", data_files=data, split="train"), 1)), data, **fields)
+        if whole_file:
+            if split != "test":
+                die(f"--whole_file makes every row of {data} a test prompt, so task {task} has no {split} split; drop --whole_file "
+                    f"to split the file 9:1, or pass a folder holding {task}/{split}.jsonl")
+            _announce(f"data {data}: all {len(rows)} rows are test prompts (--whole_file)")
+        elif "train" in spec.get("splits", {"train": None}):
+            n_test = sum(in_holdout(r["prompt"]) for r in rows)
+            _announce(f"data {data}: {len(rows)} rows, split 9:1 by prompt hash into {len(rows) - n_test} train / {n_test} test "
+                      f"prompts (--whole_file: all {len(rows)} as test)")
             rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
         elif split != "test":  # vicuna: evaluation only, the whole file is its test split
             die(f"task {task} has no {split} split (it is for evaluation only); train on another task")
         if not rows:
             die(f"{data} has no {split} rows: one file is split 9:1 by prompt hash into train/test, and this one is too "
-                f"small for that; pass a folder holding {task}/train.jsonl and {task}/test.jsonl instead")
+                f"small for that; pass --whole_file to evaluate on all of it, or a folder holding {task}/train.jsonl and "
+                f"{task}/test.jsonl")
     elif data:
         die(f"--data {data}: not a folder, .jsonl or .parquet file")
     elif spec.get("toy"):
@@ -519,7 +627,8 @@ def load_task(task, split="test", data=None, n=None, seed=0):
         try:
             ds = datasets.load_dataset(name, config, split=spec["splits"][split], data_files=spec.get("data_files"))
         except Exception as e:  # the datasets library raises many types when offline
-            die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> with columns prompt, answer[, choices]")
+            die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> (columns "
+                "question/problem/prompt and answer/solution, or name them with --prompt_field/--answer_field)")
         rows = [x for x in (_hub_row(task, r) for r in ds) if x is not None]
         if spec.get("holdout"):
             rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
@@ -528,6 +637,11 @@ def load_task(task, split="test", data=None, n=None, seed=0):
         idx = np.random.default_rng(seed).permutation(len(rows))[:n]
         rows = [rows[i] for i in sorted(idx)]
     return rows
+
+
+def data_options(args):
+    """The load_task keywords of a stage's --prompt_field/--answer_field/--choices_field/--whole_file flags."""
+    return {k: getattr(args, k, None) for k in ("prompt_field", "answer_field", "choices_field", "whole_file")}
 
 
 def in_holdout(prompt):

@@ -153,8 +153,8 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
     assert not C.in_holdout("q1")
     with pytest.raises(C.BadInput):
         C.load_task("gsm8k", "test", data=str(tmp_path / "tiny.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "1"}\n')
-    with pytest.raises(C.BadInput):
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "answer": "1"}\n')  # no prompt column by any common name
+    with pytest.raises(C.BadInput, match="no prompt column .* --prompt_field"):
         C.load_task("gsm8k", data=str(tmp_path / "bad.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(C.BadInput):
@@ -165,6 +165,62 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
         C.load_task("no_such_task")
     with pytest.raises(C.BadInput):
         C.load_task("toy_qa")  # toy tasks need the toy world folder
+
+
+def test_local_files_as_users_have_them(tmp_path, capsys):
+    """gsm8k's own columns (question, answer with '#### n') load as they are, with one line naming the
+    mapping and one announcing the 9:1 split with its counts; --whole_file evaluates on all of it."""
+    rows = [{"question": f"Tom has {i} apples and buys 3. How many?", "answer": f"{i} + 3 = {i + 3}\n#### {i + 3:,}"}
+            for i in range(998, 1198)]
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test, train = C.load_task("gsm8k", "test", data=str(f)), C.load_task("gsm8k", "train", data=str(f))
+    assert len(test) + len(train) == 200 and 0 < len(test) < 40
+    assert all(r["answer"] == str(int(r["prompt"].split()[2]) + 3) for r in test + train)  # '#### 1,001' -> '1001'
+    out = capsys.readouterr().out
+    assert out.count("prompt <- 'question', answer <- 'answer'") == 1 and "graded on their final answer" in out
+    assert f"200 rows, split 9:1 by prompt hash into {len(train)} train / {len(test)} test" in out and "--whole_file" in out
+    whole = C.load_task("gsm8k", "test", data=str(f), whole_file=True)
+    assert len(whole) == 200 and "all 200 rows are test prompts" in capsys.readouterr().out
+    with pytest.raises(C.BadInput, match="no train split"):
+        C.load_task("gsm8k", "train", data=str(f), whole_file=True)
+    # other names: problem/solution with \\boxed, explicit fields, mc with option lists, indices and label/text dicts
+    (tmp_path / "math.jsonl").write_text(json.dumps({"problem": "1+1?", "solution": "So it is $\\boxed{2}$."}) + "\n")
+    assert C.load_task("gsm8k", data=str(tmp_path / "math.jsonl"), whole_file=True)[0] == {"prompt": "1+1?", "answer": "2"}
+    (tmp_path / "own.jsonl").write_text(json.dumps({"q": "2+2?", "a": "4", "answer": "x"}) + "\n")
+    got = C.load_task("gsm8k", data=str(tmp_path / "own.jsonl"), whole_file=True, prompt_field="q", answer_field="a")
+    assert got[0]["prompt"] == "2+2?" and got[0]["answer"] == "4"
+    with pytest.raises(C.BadInput, match="no column 'qq' .*--prompt_field"):
+        C.load_task("gsm8k", data=str(tmp_path / "own.jsonl"), whole_file=True, prompt_field="qq")
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "Sky?", "options": ["red", "blue"], "answer": 1}) + "\n"
+                                       + json.dumps({"question": "Grass?", "options": {"label": ["A", "B"], "text": ["green", "pink"]},
+                                                     "answer": "A"}) + "\n")
+    mc = C.load_task("csqa", data=str(tmp_path / "mc.jsonl"), whole_file=True)
+    assert mc == [{"prompt": "Sky?", "choices": ["red", "blue"], "answer": "B"}, {"prompt": "Grass?", "choices": ["green", "pink"], "answer": "A"}]
+    assert C.grade("csqa", "The answer is (B)", mc[0])
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "Write a haiku.", "input": "", "output": "..."}) + "\n")
+    assert C.load_task("dolly", data=str(tmp_path / "alpaca.jsonl"), whole_file=True)[0]["prompt"] == "Write a haiku."
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"question": "c", "answer": 3,}\n', ":3: not valid JSON"),
+    (b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n', ":2: not UTF-8 text"),
+    (b'{"question": "a", "answer": "1"}\n\n["b", "2"]\n', ":3: a JSON list, not an object"),
+    (b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"query": "c", "answer": "3"}\n',
+     ":3: no 'question' value"),
+])
+def test_a_broken_local_file_is_one_line_naming_file_and_line(tmp_path, content, where):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(C.BadInput) as e:
+        C.load_task("gsm8k", data=str(f), whole_file=True)
+    assert str(f) + where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"question": "a", "answer": "1"}\n')
+    assert C.read_jsonl(str(f)) == [{"question": "a", "answer": "1"}]
 
 
 def test_hub_rows_map_to_the_common_schema():
