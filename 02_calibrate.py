@@ -149,7 +149,7 @@ if missing:
     common.die(f"--lora_targets {','.join(missing)} not in the teacher; its linear layers include "
                f"{', '.join(sorted(n for n in names if n.endswith('proj')))}")
 if args.grad_ckpt:  # recompute the trunk in backward; HF skips it in eval mode, so rollouts keep their KV cache
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.enable_grad_ckpt(base)
 model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                         target_modules=args.lora_targets, task_type="CAUSAL_LM"))
 lora_params = [q for q in model.parameters() if q.requires_grad]

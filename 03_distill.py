@@ -139,7 +139,7 @@ stok, ttok = common.load_tokenizer(args.student), common.load_tokenizer(args.tea
 # fp32 master weights for the student (AdamW on bf16 weights loses small updates); bf16 autocast on CUDA
 student = common.load_model(args.student, device, dtype=torch.float32, trainable=True)
 if args.grad_ckpt:  # only while training: HF skips checkpointing in eval mode, so generation keeps its KV cache
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.enable_grad_ckpt(student)
 teacher = common.load_model(args.teacher, device)
 vocab = None
 if BETA is not None:

@@ -378,6 +378,16 @@ def load_model(name_or_path, device="auto", dtype=None, trainable=False):
     return model
 
 
+def enable_grad_ckpt(model):
+    """Recompute each layer's activations in backward (non-reentrant): memory of one layer instead of all.
+    transformers 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name
+    warns, and goes in v6); older versions have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_stamp(name_or_path):
     """What identifies a model's weights for caches of its samples: a local folder's weight files
     by name, size and modification time (a model retrained at the same path gets a new stamp);
