@@ -602,6 +602,9 @@ def load_task(task, split="test", data=None, n=None, seed=0, prompt_field=None, 
             die(f"missing {path}; for toy tasks pass --data <toy world>/data (made by 00_toy_world.py)")
         rows = map_rows(task, _numbered_jsonl(path), path, **fields)
     elif data and data.endswith((".jsonl", ".parquet")):
+        if spec.get("toy"):  # most likely --tasks left at its toy default: the file would get toy prompts and budgets
+            die(f"task {task} is the toy world's (its data is the folder 00_toy_world.py writes); for {data} name the real "
+                f"task it is like: --tasks gsm8k (a number answer), csqa (multiple choice) or dolly (open-ended)")
         if data.endswith(".jsonl"):
             rows = map_rows(task, _numbered_jsonl(data), data, **fields)
         else:

@@ -184,6 +184,8 @@ def test_local_files_as_users_have_them(tmp_path, capsys):
     assert len(whole) == 200 and "all 200 rows are test prompts" in capsys.readouterr().out
     with pytest.raises(C.BadInput, match="no train split"):
         C.load_task("gsm8k", "train", data=str(f), whole_file=True)
+    with pytest.raises(C.BadInput, match="--tasks gsm8k"):  # --tasks left at the toy default
+        C.load_task("toy_math", "test", data=str(f))
     # other names: problem/solution with \\boxed, explicit fields, mc with option lists, indices and label/text dicts
     (tmp_path / "math.jsonl").write_text(json.dumps({"problem": "1+1?", "solution": "So it is $\\boxed{2}$."}) + "\n")
     assert C.load_task("gsm8k", data=str(tmp_path / "math.jsonl"), whole_file=True)[0] == {"prompt": "1+1?", "answer": "2"}
