@@ -289,7 +289,7 @@ def start_heartbeat(status, every=None):
     called; a None status prints nothing (e.g. while the sampler prints its own lines). For loops whose
     single step can take minutes (a forward pass of a real model on a CPU, a reward model's batch): a
     line per finished step would leave the screen silent that long, and the user would think it hung."""
-    every = PROGRESS_SECS if every is None else every
+    every = max(PROGRESS_SECS if every is None else every, 0.05)  # 0 would spin
     stop = threading.Event()
 
     def beat():
@@ -1014,17 +1014,21 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     times (not n prefills). Left padding with explicit position ids so every row starts its
     completion at its own length. Rows that have sampled eos leave the batch (and the cache) as
     soon as a quarter of the batch has finished, so a batch costs its typical length, not its
-    longest. A batch of a real model on a CPU runs for minutes: every 8 decode steps the clock is
-    read, and after PROGRESS_SECS a line `label | token t/max | rows running | tokens | tok/s | batch
-    eta <= ...` is printed (the eta assumes every running row goes to max_new_tokens: an upper bound).
+    longest. A batch of a real model on a CPU runs for minutes: after each decode step the clock is
+    read (the token count is only summed when a line is due), and after PROGRESS_SECS a line `label |
+    token t/max | rows running | tokens | tok/s | batch eta <= ...` is printed (the eta assumes every
+    running row goes to max_new_tokens: an upper bound); during the prefill a thread prints instead.
     Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
     t_start = t_last = time.time()
     dev = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
     pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-    # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs)
-    out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
+    # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs); one forward
+    # that a big model on a CPU spends minutes in, so a thread reports it
+    with heartbeat(lambda: f"{label} | prefill of {ids_BT.shape[0]} prompts x {ids_BT.shape[1]} tokens | "
+                           f"{fmt_secs(time.time() - t_start)} so far"):
+        out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
     cache = _cache_of(out)
     logits = out.logits[:, -1, :].float()
     if n > 1:
@@ -1053,7 +1057,7 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
         done |= new
         if done.all() or t == max_new_tokens - 1:
             break
-        if t % 8 == 7 and time.time() - t_last >= PROGRESS_SECS:
+        if time.time() - t_last >= PROGRESS_SECS:  # every step: a real model's step on a CPU can take seconds
             t_last = time.time()
             n_tok = int(lens.clamp(max=t + 1).sum())  # finished rows: their length; running rows: t + 1
             el = t_last - t_start

@@ -386,14 +386,20 @@ def test_generate_by_budget_gives_each_prompt_its_own_limit(tok, tiny_pair):
 
 def test_a_long_batch_prints_progress_while_it_runs(tok, tiny_pair, monkeypatch, capsys):
     """Inside one batch (no batch ends before the last token here), a line with tokens, rate and ETA appears."""
+    import time
     monkeypatch.setattr(C, "PROGRESS_SECS", 0.0)
-    C.generate(tiny_pair[0], tok, ["<|user|>hi\n<|assistant|>"] * 2, n=2, max_new_tokens=40, seed=0, batch_size=8, show="sample s")
+    slow_prefill = tiny_pair[0].register_forward_pre_hook(  # a big model's prefill: one forward that takes long
+        lambda mod, args, kw: time.sleep(0.3) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        C.generate(tiny_pair[0], tok, ["<|user|>hi\n<|assistant|>"] * 2, n=2, max_new_tokens=40, seed=0, batch_size=8, show="sample s")
+    finally:
+        slow_prefill.remove()
     err = capsys.readouterr().err
+    assert "sample s batch 1/1 | prefill of 2 prompts x " in err
     lines = [l for l in err.splitlines() if l.startswith("sample s batch 1/1 | token 8/40 |")]
     assert lines and "tokens |" in lines[0] and "tok/s" in lines[0] and "batch eta <=" in lines[0]
     seen = []
     with C.heartbeat(lambda: seen.append(1) or "scoring: 3/8 seq done", every=0.05):
-        import time
         time.sleep(0.3)
     assert len(seen) >= 2 and "scoring: 3/8 seq done" in capsys.readouterr().err
 
