@@ -197,7 +197,8 @@ def lora_request(step):
 # helpers
 # what the stage is doing and since when; a real model's scoring and backward on a CPU take minutes
 phase = [None, time.time()]
-stop_beat = common.start_heartbeat(lambda: phase[0] and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
+stop_beat = common.start_heartbeat(  # silent for a phase younger than PROGRESS_SECS (toy steps take under a second)
+    lambda: phase[0] and time.time() - phase[1] >= common.PROGRESS_SECS and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 
 
 def rollouts(rows, n, seed, greedy, step, use_lora=True):

@@ -305,7 +305,8 @@ if "acc_before" not in summary:
 t_loop, last_saved = time.time(), start
 # what the loop is doing and since when: a real model's loss and backward on a CPU take minutes (generation prints its own)
 phase = [None, time.time()]
-stop_beat = common.start_heartbeat(lambda: phase[0] and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
+stop_beat = common.start_heartbeat(  # silent for a phase younger than PROGRESS_SECS (toy steps take under a second)
+    lambda: phase[0] and time.time() - phase[1] >= common.PROGRESS_SECS and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 for step in range(start + 1, args.steps + 1):
     t0 = time.time()
     # the coin and the sampling seed depend only on (seed, step): a resumed run flips the same coins

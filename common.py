@@ -293,10 +293,13 @@ def start_heartbeat(status, every=None):
     stop = threading.Event()
 
     def beat():
-        while not stop.wait(every):
-            line = status()
-            if line:
-                progress_line(line)
+        last = time.time()
+        while not stop.wait(min(1.0, every)):  # wake often, print when a line is due and status has one
+            if time.time() - last >= every:
+                line = status()
+                if line:
+                    progress_line(line)
+                    last = time.time()
     th = threading.Thread(target=beat, daemon=True)
     th.start()
 
