@@ -18,7 +18,7 @@ estimators behave:
     python 01_pilot_kl.py --teacher runs/toy/00_toy_world/teacher --student runs/toy/00_toy_world/student \
         --data runs/toy/00_toy_world/data --out_dir runs/toy/01_pilot/teacher
     # Table 4: --teacher runs/toy/02_calibrate/<variant>/merged ; cross-tokenizer: --teacher .../target
-    # real: --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --tasks gsm8k,csqa,dolly --max_new_tokens 1024
+    # real: --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --tasks gsm8k,csqa,dolly   (each task's own budget)
 
 Writes config.json (first), metrics.jsonl (one line per task), table1.json (DESIGN 9 row schema
 plus extra keys), table1.md (rows = quantities, columns = tasks, like the paper's Table 1),
@@ -70,10 +70,14 @@ p.add_argument("--student", required=True, help="student: hub id or HF folder")
 p.add_argument("--teacher_name", default="", help="label in the tables (default: folder or id basename)")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
+p.add_argument("--whole_file", action="store_true", help="one --data file: all of it is the test split (default: a fixed 9:1 train/test split by prompt hash)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=32, help="prompts per task")
 p.add_argument("--n_samples", type=int, default=16, help="rollouts per prompt per model (paper: 16)")
-p.add_argument("--max_new_tokens", type=int, default=128, help="completion length cap")
+p.add_argument("--max_new_tokens", type=int, default=None, help="completion budget (default: each task's own, common.TASKS)")
 p.add_argument("--temperature", type=float, default=1.0, help="1.0 = unbiased sampling (no top-k/top-p ever)")
 p.add_argument("--forking_frac", type=float, default=0.2, help="share of highest-entropy positions called forking")
 p.add_argument("--batch_size", type=int, default=128, help="sequences per generation batch; a batch waits for its longest sample")
@@ -81,6 +85,7 @@ p.add_argument("--score_batch", type=int, default=64, help="sequences per scorin
 p.add_argument("--chunk", type=int, default=512, help="positions per (chunk, V) logits block in token KL")
 p.add_argument("--backend", default="auto", help="generation: hf | vllm | auto (vllm on CUDA when installed)")
 p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on an oversubscribed CPU)")
 p.add_argument("--out_dir", required=True, help="where everything is written")
 p.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seeds")
 args = common.parse_args(p)
@@ -91,13 +96,18 @@ if args.n_samples < 1 or args.n_prompts < 1:
 if not args.teacher_name:  # ".../<variant>/merged" -> "<variant>", "Qwen/Qwen3-8B" -> "Qwen3-8B"
     parts = os.path.normpath(args.teacher).split(os.sep)
     args.teacher_name = parts[-2] if parts[-1] in ("merged", "model", "adapter") and len(parts) > 1 else parts[-1]
-common.write_config(args.out_dir, args)
+budget = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}  # max new tokens per task
+common.write_config(args.out_dir, {**vars(args), "max_new_tokens_per_task": budget})
 
 # ----------------------------------------------------------------------------- seed, device, models
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
 backend = common.resolve_backend(args.backend)
 t_start = time.time()
+datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed, **common.data_options(args))
+         for t in args.tasks}  # before the models: a data problem shows in seconds, not after minutes of loading
 tok_s, tok_t = common.load_tokenizer(args.student), common.load_tokenizer(args.teacher)
 student = common.load_model(args.student, device)
 teacher = common.load_model(args.teacher, device)
@@ -122,44 +132,47 @@ def score(samples, prompts_s, prompts_t, sampler, tail=None):
     out = {k: np.zeros(B) for k in ("lp_s", "lp_t", "n_tok", "rkl_sum", "fkl_sum")}
     pooled = {"rkl": [], "fkl": [], "ent": []}
     order = np.argsort([len(x["ids"]) for x in samples], kind="stable")  # similar lengths batch together: less padding
-    t0 = time.time()
-    for s in range(0, B, args.score_batch):
-        idx = order[s:s + args.score_batch]
-        xs = [samples[j] for j in idx]
-        ids = [x["ids"] for x in xs]
-        ps, pt = [prompts_s[x["i"]] for x in xs], [prompts_t[x["i"]] for x in xs]
-        if vocab is not None:  # same tokenizer: both models score the sampled ids exactly
-            own_tok, own_p = (tok_s, ps) if sampler == "student" else (tok_t, pt)
-            ids_BL, am_BL, cm_BL = common.make_batch(own_tok, own_p, ids, device)
-            got = {"fkl": [], "ent": [], "lps": [], "lpt": []}
+    t0, at = time.time(), [0, time.time()]  # sequences scored, start of the running batch
+    with common.heartbeat(lambda: f"score {sampler} samples: {at[0]}/{B} seq done | batch of {min(args.score_batch, B - at[0])} "
+                                  f"running {common.fmt_secs(time.time() - at[1])} | {common.fmt_secs(time.time() - t0)} so far"):
+        for s in range(0, B, args.score_batch):
+            at[:] = [s, time.time()]
+            idx = order[s:s + args.score_batch]
+            xs = [samples[j] for j in idx]
+            ids = [x["ids"] for x in xs]
+            ps, pt = [prompts_s[x["i"]] for x in xs], [prompts_t[x["i"]] for x in xs]
+            if vocab is not None:  # same tokenizer: both models score the sampled ids exactly
+                own_tok, own_p = (tok_s, ps) if sampler == "student" else (tok_t, pt)
+                ids_BL, am_BL, cm_BL = common.make_batch(own_tok, own_p, ids, device)
+                got = {"fkl": [], "ent": [], "lps": [], "lpt": []}
 
-            def on_chunk(sl, tl, tgt):  # (n, V), (n, V), (n,): one pass over each model's logits
-                ls = F.log_softmax(sl, -1)
-                got["fkl"].append(common.token_divergence(sl, tl, beta=0.0))
-                got["ent"].append(-(ls.exp() * ls).sum(-1))
-                got["lps"].append(common.logprobs_of(sl, tgt))
-                got["lpt"].append(common.logprobs_of(tl, tgt))
-                if tail is not None:
-                    common.tail_noise_update(tail, sl, tl, KS)
-            rkl_N = common.chunked_token_divergence(student, teacher, ids_BL, am_BL, cm_BL, beta=1.0, chunk=args.chunk,
-                                                    vocab=vocab, on_chunk=on_chunk)
-            fkl_N, ent_N = torch.cat(got["fkl"]), torch.cat(got["ent"])
-            lps_N, lpt_N = torch.cat(got["lps"]), torch.cat(got["lpt"])
-            rows_N = cm_BL.bool().nonzero()[:, 0]  # same order as the positions above (row-major)
-            per_seq = lambda v_N: torch.zeros(len(xs), dtype=torch.float64, device=v_N.device).index_add_(0, rows_N, v_N.double()).cpu().numpy()
-            out["lp_s"][idx], out["lp_t"][idx] = per_seq(lps_N), per_seq(lpt_N)
-            out["rkl_sum"][idx], out["fkl_sum"][idx] = per_seq(rkl_N), per_seq(fkl_N)
-            for k, v in (("rkl", rkl_N), ("fkl", fkl_N), ("ent", ent_N)):
-                pooled[k].append(v.float().cpu())
-        else:  # different tokenizers: the sampler scores its own ids, the other model the same text its own way
-            fin = [x["finished"] for x in xs]
-            texts = [x["text"] for x in xs]
-            b_s = common.make_batch(tok_s, ps, ids, device) if sampler == "student" else common.make_text_batch(tok_s, ps, texts, fin, device)
-            b_t = common.make_batch(tok_t, pt, ids, device) if sampler == "teacher" else common.make_text_batch(tok_t, pt, texts, fin, device)
-            out["lp_s"][idx] = common.completion_logprobs(student, *b_s, chunk=args.chunk).sum(-1).double().cpu().numpy()
-            out["lp_t"][idx] = common.completion_logprobs(teacher, *b_t, chunk=args.chunk).sum(-1).double().cpu().numpy()
-        out["n_tok"][idx] = [len(x) for x in ids]
-        common.progress(min(s + args.score_batch, B), B, t0, f"score {sampler} samples", "seq")
+                def on_chunk(sl, tl, tgt):  # (n, V), (n, V), (n,): one pass over each model's logits
+                    ls = F.log_softmax(sl, -1)
+                    got["fkl"].append(common.token_divergence(sl, tl, beta=0.0))
+                    got["ent"].append(-(ls.exp() * ls).sum(-1))
+                    got["lps"].append(common.logprobs_of(sl, tgt))
+                    got["lpt"].append(common.logprobs_of(tl, tgt))
+                    if tail is not None:
+                        common.tail_noise_update(tail, sl, tl, KS)
+                rkl_N = common.chunked_token_divergence(student, teacher, ids_BL, am_BL, cm_BL, beta=1.0, chunk=args.chunk,
+                                                        vocab=vocab, on_chunk=on_chunk)
+                fkl_N, ent_N = torch.cat(got["fkl"]), torch.cat(got["ent"])
+                lps_N, lpt_N = torch.cat(got["lps"]), torch.cat(got["lpt"])
+                rows_N = cm_BL.bool().nonzero()[:, 0]  # same order as the positions above (row-major)
+                per_seq = lambda v_N: torch.zeros(len(xs), dtype=torch.float64, device=v_N.device).index_add_(0, rows_N, v_N.double()).cpu().numpy()
+                out["lp_s"][idx], out["lp_t"][idx] = per_seq(lps_N), per_seq(lpt_N)
+                out["rkl_sum"][idx], out["fkl_sum"][idx] = per_seq(rkl_N), per_seq(fkl_N)
+                for k, v in (("rkl", rkl_N), ("fkl", fkl_N), ("ent", ent_N)):
+                    pooled[k].append(v.float().cpu())
+            else:  # different tokenizers: the sampler scores its own ids, the other model the same text its own way
+                fin = [x["finished"] for x in xs]
+                texts = [x["text"] for x in xs]
+                b_s = common.make_batch(tok_s, ps, ids, device) if sampler == "student" else common.make_text_batch(tok_s, ps, texts, fin, device)
+                b_t = common.make_batch(tok_t, pt, ids, device) if sampler == "teacher" else common.make_text_batch(tok_t, pt, texts, fin, device)
+                out["lp_s"][idx] = common.completion_logprobs(student, *b_s, chunk=args.chunk).sum(-1).double().cpu().numpy()
+                out["lp_t"][idx] = common.completion_logprobs(teacher, *b_t, chunk=args.chunk).sum(-1).double().cpu().numpy()
+            out["n_tok"][idx] = [len(x) for x in ids]
+            common.progress(min(s + args.score_batch, B), B, t0, f"score {sampler} samples", "seq")
     if vocab is None:
         return out, None
     return out, {k: torch.cat(v).double().numpy() for k, v in pooled.items()}
@@ -179,13 +192,12 @@ def fnum(x, nd=3):
 # so no two sample sets share random numbers and the order of sampling changes nothing. Each model's
 # rollouts are kept in samples_<model>.json: a rerun with the same weights and settings (after the
 # second engine found no GPU memory, say) samples only what is missing.
-datas = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
 prompts = {(t, m): [common.build_prompt(tk, t, r) for r in datas[t]] for t in args.tasks for m, tk in (("s", tok_s), ("t", tok_t))}
 gens, gen_secs = {}, {t: 0.0 for t in args.tasks}
 for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.student), ("teacher", teacher, tok_t, args.teacher))):
     cache_path = os.path.join(args.out_dir, f"samples_{name}.json")
     key = {"model": path, "stamp": common.model_stamp(path), "prompts": {t: prompts[t, name[0]] for t in args.tasks},
-           **{k: getattr(args, k) for k in ("n_samples", "max_new_tokens", "temperature", "seed")}, "backend": backend}
+           **{k: getattr(args, k) for k in ("n_samples", "temperature", "seed")}, "max_new_tokens": budget, "backend": backend}
     cached = common.load_cached(cache_path, key)
     if cached is not None:
         print(f"{name} rollouts: reusing {cache_path} (same weights and settings)")
@@ -194,10 +206,10 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
     engine = None
     if backend == "vllm":
         mine = [p for t in args.tasks for p in prompts[t, name[0]]]
-        engine = common.make_vllm_engine(path, args.seed, common.vllm_max_len(tok, mine, args.max_new_tokens))
+        engine = common.make_vllm_engine(path, args.seed, common.vllm_max_len(tok, mine, max(budget.values())))
     for ti, task in enumerate(args.tasks):
         t0 = time.time()
-        gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=args.max_new_tokens,
+        gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=budget[task],
                                            temperature=args.temperature, seed=args.seed * 1000 + 2 * ti + m,
                                            batch_size=args.batch_size, backend=backend, engine=engine, show=f"sample {name} {task}")
         gen_secs[task] += time.time() - t0
@@ -268,8 +280,8 @@ for task in args.tasks:
                                  "n_tokens": int(sc["n_tok"][j]), "ids": x["ids"],
                                  "seq_logp_student": float(sc["lp_s"][j]), "seq_logp_teacher": float(sc["lp_t"][j])})
     for who in ("student", "teacher"):
-        common.warn_cutoffs(f"{who} {task}", row[f"finished_{who}"], args.max_new_tokens)
-    m = {"task": task, "acc_s": row["acc_student"], "acc_t": row["acc_teacher"], "fin_s": row["finished_student"],
+        common.warn_cutoffs(f"{who} {task}", row[f"finished_{who}"], budget[task])
+    m = {"task": task, "max_new": budget[task], "acc_s": row["acc_student"], "acc_t": row["acc_teacher"], "fin_s": row["finished_student"],
          "fin_t": row["finished_teacher"], "tok_rkl": row["onpolicy_token_rkl"],
          "tok_fkl": row["onpolicy_token_fkl"], "seq_rkl": row["onpolicy_seq_rkl"], "wtp": wtp,
          "is": off["is_mean"], "k3": off["k3_mean"], "fork": row["forking_share"], "rho_all": (row["tail_spearman"] or {}).get("all"),
@@ -322,7 +334,8 @@ def cell(r, key):
 
 md = [f"# Table 1 analogue: student {rows[0]['student']}, teacher {args.teacher_name}", "",
       f"{args.n_prompts} prompts x {args.n_samples} samples per model and task, temperature {args.temperature}, "
-      f"max {args.max_new_tokens} new tokens. Token KL per token (pooled positions); sequence KL per sequence.", "",
+      f"max new tokens {', '.join(f'{t} {b}' for t, b in budget.items())}. Token KL per token (pooled positions); "
+      "sequence KL per sequence.", "",
       "| Quantity | " + " | ".join(r["task"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
 md += [f"| {label} | " + " | ".join(cell(r, key) for r in rows) + " |" for label, key in LINES]
 if note:

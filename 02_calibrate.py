@@ -74,6 +74,9 @@ p.add_argument("--teacher", required=True, help="HF folder or hub id of the teac
 p.add_argument("--target", required=True, help="calibration target (student or proxy); its tokenizer may differ")
 p.add_argument("--tasks", type=common.csv_list, default="toy_math,toy_qa", help="comma list of verifiable tasks")
 p.add_argument("--data", default=None, help="toy world data folder (D/data), a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
 p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
 # the knob and the objective
 p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")
@@ -82,7 +85,7 @@ p.add_argument("--cal_length_norm", action="store_true", help="divide each side 
 # rollouts
 p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")
 p.add_argument("--prompts_per_step", type=int, default=6, help="prompts per step (batch = this x group_size)")
-p.add_argument("--max_new_tokens", type=int, default=96, help="rollout length limit")
+p.add_argument("--max_new_tokens", type=int, default=None, help="rollout length limit (default: each task's own, common.TASKS)")
 # optimization
 p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (2e-3 lost 0.2 toy_math accuracy)")
@@ -110,6 +113,8 @@ if isinstance(args.tasks, str):
     args.tasks = common.csv_list(args.tasks)
 if isinstance(args.lora_targets, str):
     args.lora_targets = common.csv_list(args.lora_targets)
+args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
+budget = args.max_new_tokens_per_task
 if any(os.path.exists(os.path.join(args.out_dir, d, "state.pt")) for d in ("ckpt", "ckpt.old")):
     common.check_resume(args.out_dir, args)  # a resume must be the same run
 common.write_config(args.out_dir, args)
@@ -144,7 +149,7 @@ if missing:
     common.die(f"--lora_targets {','.join(missing)} not in the teacher; its linear layers include "
                f"{', '.join(sorted(n for n in names if n.endswith('proj')))}")
 if args.grad_ckpt:  # recompute the trunk in backward; HF skips it in eval mode, so rollouts keep their KV cache
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.enable_grad_ckpt(base)
 model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                         target_modules=args.lora_targets, task_type="CAUSAL_LM"))
 lora_params = [q for q in model.parameters() if q.requires_grad]
@@ -154,8 +159,8 @@ print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() f
 
 # training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
 # number of prompts consumed so far, which is all a resume needs to continue the same order
-pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data)]
-held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed) for t in args.tasks}
+pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data, **common.data_options(args))]
+held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed, **common.data_options(args)) for t in args.tasks}
 
 
 def next_prompts(cursor, n):
@@ -171,7 +176,7 @@ engine, lora_dir = None, os.path.join(args.out_dir, "vllm_lora")
 if backend == "vllm":  # colocated engine, created once; the LoRA travels per step as a LoRARequest
     from vllm.lora.request import LoRARequest
     every = [common.build_prompt(tok, t, r) for t, r in pool] + [common.build_prompt(tok, t, r) for t in held for r in held[t]]
-    engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens),
+    engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, max(budget.values())),
                                      enable_lora=True, max_lora_rank=args.lora_r)
     shutil.rmtree(lora_dir, ignore_errors=True)  # an earlier run's adapters: other weights under the same step numbers
 
@@ -190,23 +195,23 @@ def lora_request(step):
 
 # -----------------------------------------------------------------------------
 # helpers
+# what the stage is doing and since when; a real model's scoring and backward on a CPU take minutes
+phase = [None, time.time()]
+stop_beat = common.start_heartbeat(  # silent for a phase younger than PROGRESS_SECS (toy steps take under a second)
+    lambda: phase[0] and time.time() - phase[1] >= common.PROGRESS_SECS and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 
 
 def rollouts(rows, n, seed, greedy, step, use_lora=True):
     """n samples per row from theta (or the original teacher with use_lora=False): flat, prompt-major.
     Temperature 1, no top-k/top-p: the policy itself, which REINFORCE and the K3 anchor score (samples
-    at another temperature would make the update off-policy)."""
-    prompts = [common.build_prompt(tok, t, r) for t, r in rows]
+    at another temperature would make the update off-policy). Each row gets its task's budget."""
+    prompts, budgets = [common.build_prompt(tok, t, r) for t, r in rows], [budget[t] for t, _ in rows]
+    phase[:] = [None, time.time()]  # the sampler prints its own progress
     if engine is not None:
-        return prompts, common.generate(None, tok, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                                        greedy=greedy, seed=seed, backend="vllm", engine=engine,
-                                        lora_request=lora_request(step) if use_lora else None)
-    if use_lora:
-        return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                                        temperature=1.0, greedy=greedy, seed=seed)
-    with model.disable_adapter():
-        return prompts, common.generate(model, tok, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                                        temperature=1.0, greedy=greedy, seed=seed)
+        return prompts, common.generate_by_budget(None, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed,
+                                                  backend="vllm", engine=engine, lora_request=lora_request(step) if use_lora else None)
+    with contextlib.nullcontext() if use_lora else model.disable_adapter():
+        return prompts, common.generate_by_budget(model, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed)
 
 
 def target_seq_logprobs(rows, samples):
@@ -225,10 +230,12 @@ def evaluate(step, tag, use_lora=True):
         rows = [(t, r) for r in rs]
         _, gs = rollouts(rows, 1, seed=10**6, greedy=True, step=step, use_lora=use_lora)
         res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(gs, rows)]))
+        common.warn_cutoffs(f"eval ({tag}) {t}", float(np.mean([s["finished"] for s in gs])), budget[t])
         prompts, ss = rollouts(rows, 1, seed=10**6 + 1, greedy=False, step=step, use_lora=use_lora)
         res[f"sampled_acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(ss, rows)]))
         res[f"checked_{t}"] = float(np.mean([common.opens_with_check(s["text"]) for s in ss]))
         res[f"len_{t}"] = float(np.mean([len(s["ids"]) for s in ss]))
+        phase[:] = [f"eval ({tag}) {t}: scoring {len(ss)} samples", time.time()]
         ids, am, cm = common.make_batch(tok, prompts, [s["ids"] for s in ss], device)
         with torch.no_grad(), (contextlib.nullcontext() if use_lora else model.disable_adapter()):
             lp = (common.completion_logprobs(model, ids, am, cm, args.chunk) * cm).sum(-1)
@@ -277,6 +284,7 @@ else:  # the original teacher (LoRA off), once; kept on disk so a resumed run re
 # -----------------------------------------------------------------------------
 # loop
 t_start, done_here = time.time(), 0
+phase[:] = [None, time.time()]
 while step < args.steps:
     t0 = time.time()
     rows = next_prompts(cursor, P)
@@ -287,6 +295,7 @@ while step < args.steps:
     r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1], s["finished"])) for s in samples])
 
     model.train()
+    phase[:] = [f"step {step + 1}/{args.steps}: scoring and backward over {len(samples)} rollouts", time.time()]
     ids, am, cm = common.make_batch(tok, [prompts[s["i"]] for s in samples], [s["ids"] for s in samples], device)
     cm = cm.float()
     # row slices of --micro_batch sequences (one slice by default), each cut to its own longest row
@@ -358,6 +367,7 @@ while step < args.steps:
 # outputs: adapter, held-out eval of the calibrated teacher, merged model, summary
 common.atomic_save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
 after = evaluate(step, "calibrated")
+stop_beat()
 merge_lost = common.lora_merge_loss(model)  # 0 in fp32; a bf16 merge can round a small-lr update away
 if merge_lost > 0.1:
     print(f"warning: merging the LoRA into the {base.dtype} teacher rounds away {merge_lost:.0%} of its weight change; "

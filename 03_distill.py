@@ -69,6 +69,9 @@ p.add_argument("--student", required=True, help="student HF folder or hub id (in
 p.add_argument("--out_dir", required=True, help="where everything is written")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder (D/data), a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
 p.add_argument("--lmbda", type=float, default=None, help="P(on-policy batch); default sft/fkl 0, rkl 1, jsd 0.5")
 p.add_argument("--beta", type=float, default=0.5, help="jsd only: 0 = forward KL, 1 = reverse KL")
 p.add_argument("--topk", type=int, default=0, help="teacher sees only its top-k logits, renormalized (0 = all)")
@@ -82,7 +85,7 @@ p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing 
                "activation memory of one layer instead of all)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = off)")
-p.add_argument("--max_new_tokens", type=int, default=96, help="completion length cap (samples and eval)")
+p.add_argument("--max_new_tokens", type=int, default=None, help="completion length cap, samples and eval (default: each task's own, common.TASKS)")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student samples")
 p.add_argument("--n_prompts", type=int, default=64, help="train prompts per task")
 p.add_argument("--teacher_samples", type=int, default=4, help="teacher samples per train prompt (off-policy pool)")
@@ -115,6 +118,8 @@ if args.method == "sft" and args.topk:
 if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta == 1)):
     # KL(s||t) puts the student's mass outside the teacher's k tokens against log 0: infinite
     common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
+args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
+budget = args.max_new_tokens_per_task
 if os.path.exists(os.path.join(args.out_dir, "ckpt", "state.pt")):
     common.check_resume(args.out_dir, args)  # a resume must be the same run
 cfg = common.write_config(args.out_dir, args)
@@ -134,7 +139,7 @@ stok, ttok = common.load_tokenizer(args.student), common.load_tokenizer(args.tea
 # fp32 master weights for the student (AdamW on bf16 weights loses small updates); bf16 autocast on CUDA
 student = common.load_model(args.student, device, dtype=torch.float32, trainable=True)
 if args.grad_ckpt:  # only while training: HF skips checkpointing in eval mode, so generation keeps its KV cache
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.enable_grad_ckpt(student)
 teacher = common.load_model(args.teacher, device)
 vocab = None
 if BETA is not None:
@@ -154,7 +159,7 @@ opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type 
 train, test = [], []  # items {task, row, sp (student prompt), tp (teacher prompt)}
 for task in args.tasks:
     for split, rows, n in (("train", train, args.n_prompts), ("test", test, args.n_eval)):
-        for r in common.load_task(task, split, data=args.data, n=n, seed=args.seed if split == "train" else 0):
+        for r in common.load_task(task, split, data=args.data, n=n, seed=args.seed if split == "train" else 0, **common.data_options(args)):
             rows.append({"task": task, "row": r, "sp": common.build_prompt(stok, task, r), "tp": common.build_prompt(ttok, task, r)})
 print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmbda {args.lmbda}, beta {BETA}, "
       f"vocab {vocab}, backend {backend}, {common.n_params(student) / 1e6:.2f}M student params", flush=True)
@@ -171,7 +176,7 @@ def teacher_pool():
             common.die(f"--gold: {','.join(missing)} rows have no reference 'completion' field; drop --gold or use toy tasks")
         return [{"i": i, "text": x["row"]["completion"], "ids": None, "finished": True} for i, x in enumerate(train)]
     path = args.samples_file or os.path.join(args.out_dir, "teacher_samples.json")
-    key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens", "temperature", "seed")}
+    key = {k: cfg[k] for k in ("teacher", "tasks", "data", "n_prompts", "teacher_samples", "max_new_tokens_per_task", "temperature", "seed")}
     key.update(teacher_stamp=common.model_stamp(args.teacher), backend=backend)  # a retrained teacher samples anew
     cached = common.load_cached(path, key)
     if cached is not None:
@@ -179,14 +184,15 @@ def teacher_pool():
     t0 = time.time()
     if backend == "vllm":  # a short-lived teacher engine, gone before the student's engine starts
         tps = [x["tp"] for x in train]
-        eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, args.max_new_tokens))
-        outs = common.generate(None, ttok, tps, n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
+        eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, max(budget.values())))
+        outs = common.generate_by_budget(None, ttok, tps, [budget[x["task"]] for x in train], n=args.teacher_samples,
+                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
         del eng
         common.release_memory()
     else:
-        outs = common.generate(teacher, ttok, [x["tp"] for x in train], n=args.teacher_samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed, batch_size=256, show="teacher samples")
+        outs = common.generate_by_budget(teacher, ttok, [x["tp"] for x in train], [budget[x["task"]] for x in train],
+                                         n=args.teacher_samples, temperature=args.temperature, seed=args.seed, batch_size=256,
+                                         show="teacher samples")
     samples = [{"i": o["i"], "text": o["text"], "ids": o["ids"], "finished": o["finished"]} for o in outs]
     common.atomic_write_json(path, {"key": key, "samples": samples})
     print(f"teacher samples: {len(samples)} in {time.time() - t0:.1f}s", flush=True)
@@ -209,12 +215,14 @@ def take(order_name, n_items, k, state):
 
 def evaluate():
     """Greedy held-out accuracy per task (and the mean), from the live student."""
-    outs = common.generate(student, stok, [x["sp"] for x in test], max_new_tokens=args.max_new_tokens, greedy=True,
-                           backend=backend, engine=engine)
+    outs = common.generate_by_budget(student, stok, [x["sp"] for x in test], [budget[x["task"]] for x in test], greedy=True,
+                                     backend=backend, engine=engine, show="eval")
     acc = {}
     for task in args.tasks:
         g = [common.grade(task, o["text"], test[o["i"]]["row"], o["finished"]) for o in outs if test[o["i"]]["task"] == task]
         acc[task] = float(np.mean(g)) if g and g[0] is not None else None
+        if g:
+            common.warn_cutoffs(f"eval {task}", float(np.mean([o["finished"] for o in outs if test[o["i"]]["task"] == task])), budget[task])
     vals = [a for a in acc.values() if a is not None]
     return (float(np.mean(vals)) if vals else None), acc
 
@@ -277,7 +285,7 @@ pool = teacher_pool() if args.lmbda < 1 else []
 engine = None
 if backend == "vllm":  # colocated student engine, created once, weights pushed after every step
     engine = common.make_vllm_engine(args.student, seed=args.seed, gpu_memory_utilization=args.vllm_mem,
-                                     max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], args.max_new_tokens))
+                                     max_model_len=common.vllm_max_len(stok, [x["sp"] for x in train + test], max(budget.values())))
     if start:
         common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
 
@@ -295,18 +303,23 @@ if "acc_before" not in summary:
 
 # ----------------------------------------------------------------------------- loop
 t_loop, last_saved = time.time(), start
+# what the loop is doing and since when: a real model's loss and backward on a CPU take minutes (generation prints its own)
+phase = [None, time.time()]
+stop_beat = common.start_heartbeat(  # silent for a phase younger than PROGRESS_SECS (toy steps take under a second)
+    lambda: phase[0] and time.time() - phase[1] >= common.PROGRESS_SECS and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 for step in range(start + 1, args.steps + 1):
     t0 = time.time()
     # the coin and the sampling seed depend only on (seed, step): a resumed run flips the same coins
     onpolicy = random.Random(args.seed * 1_000_003 + step).random() < args.lmbda
     if onpolicy:
         items = [train[i] for i in take("prompt_cursor", len(train), args.batch_size, state)]
-        comps = common.generate(student, stok, [x["sp"] for x in items], max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, seed=args.seed * 1_000_003 + step, backend=backend, engine=engine)
+        comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
+                                          temperature=args.temperature, seed=args.seed * 1_000_003 + step, backend=backend, engine=engine)
     else:
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
     student.train()
+    phase[:] = [f"step {step}/{args.steps}: loss and backward over {len(items)} sequences", time.time()]
     good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
     opt.zero_grad(set_to_none=True)
     # the loss is the mean over the whole batch's completion tokens; with --micro_batch each part
@@ -332,6 +345,7 @@ for step in range(start + 1, args.steps + 1):
         common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
     row = {"step": step, "loss": loss, "kl": loss if BETA is not None else None, "len": mean_len,
            "onpolicy": onpolicy, "grad_norm": gnorm.item()}
+    phase[0] = None
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
         row["acc"], row["acc_tasks"] = evaluate()
     el = time.time() - t_loop
@@ -345,6 +359,8 @@ for step in range(start + 1, args.steps + 1):
     if step % args.save_every == 0 or step == args.steps:
         save_ckpt(step, state)
         last_saved = step
+
+stop_beat()
 
 # ----------------------------------------------------------------------------- outputs
 last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) and os.path.getsize(metrics_path) else {}

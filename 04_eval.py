@@ -27,7 +27,7 @@ same path is sampled anew.
         --labels teacher=Teacher,student=Student,misled=Misled
     # Table 3 (OOD / cross-distribution): same script, other tasks and labels, --table table3
     # real: --models ...=Qwen/Qwen3-8B,... --tasks bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa,dolly,vicuna \
-    #       --max_new_tokens 4096 --reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B --backend vllm
+    #       --reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B --backend vllm   (each task's own budget, common.TASKS)
 
 Writes config.json (first; config_table3.json with --table table3), metrics.jsonl (one line per
 model x task), samples/, <table>.json (DESIGN 9 rows plus extra keys) and <table>.md (rows grouped
@@ -56,11 +56,15 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--models", required=True, help="comma list name=path (HF folder or hub id); names become file names")
 p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], help="comma list of tasks")
 p.add_argument("--data", default=None, help="toy world data folder, a folder of <task>/<split>.jsonl, or one .jsonl/.parquet (split 9:1 by prompt hash; None: hub)")
+p.add_argument("--prompt_field", default=None, help="local --data: the prompt column (default: prompt, question, problem, instruction or input)")
+p.add_argument("--answer_field", default=None, help="local --data: the answer column (default: answer, solution, output, target or response; '#### 72' reads 72)")
+p.add_argument("--choices_field", default=None, help="local --data, multiple choice: the options column (default: choices or options)")
+p.add_argument("--whole_file", action="store_true", help="one --data file: all of it is the test split (default: a fixed 9:1 train/test split by prompt hash)")
 p.add_argument("--split", default="test", help="which split the prompts come from")
 p.add_argument("--n_prompts", type=int, default=64, help="prompts per task (seeded subset)")
 p.add_argument("--k", type=int, default=16, help="samples per prompt: acc over all, maj@k, pass@k")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (no top-k/top-p)")
-p.add_argument("--max_new_tokens", type=int, default=128, help="completion budget (99.9%% of toy completions fit)")
+p.add_argument("--max_new_tokens", type=int, default=None, help="completion budget (default: each task's own, common.TASKS)")
 p.add_argument("--batch_size", type=int, default=128, help="sequences per generate call (prompts x k); smaller = less tail waste on CPU")
 p.add_argument("--reward_model", default="", help="sequence-classification RM for open tasks (e.g. Skywork-Reward-V2)")
 p.add_argument("--rm_batch", type=int, default=16, help="sequences per reward-model forward")
@@ -97,8 +101,10 @@ open_tasks = [t for t in args.tasks if common.task_kind(t) == "open"]
 if open_tasks and not args.reward_model:
     common.die(f"tasks {', '.join(open_tasks)} are open-ended and need --reward_model (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B)")
 
+budget = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}  # max new tokens per task
 # table3 runs into table2's folder (sharing its samples): its own config file, so table2's is kept
-common.write_config(args.out_dir, args, "config.json" if args.table == "table2" else f"config_{args.table}.json")
+common.write_config(args.out_dir, {**vars(args), "max_new_tokens_per_task": budget},
+                    "config.json" if args.table == "table2" else f"config_{args.table}.json")
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
 if args.threads > 0:
@@ -109,7 +115,8 @@ os.makedirs(sample_dir, exist_ok=True)
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
 # ----------------------------------------------------------------------------- inputs
-rows = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed) for t in args.tasks}
+rows = {t: common.load_task(t, args.split, data=args.data, n=args.n_prompts, seed=args.seed, **common.data_options(args))
+        for t in args.tasks}
 for t, r in rows.items():
     if len(r) < args.n_prompts:
         print(f"note: {t} has {len(r)} {args.split} prompts (< --n_prompts {args.n_prompts}); using all of them")
@@ -122,7 +129,7 @@ def sample_path(name, task):
 def sample_meta(name, task):
     """What made a sample file: the model (and its weights' stamp) and the sampling settings."""
     return {"model": models[name], "stamp": common.model_stamp(models[name]), "task": task, "split": args.split,
-            "k": args.k, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+            "k": args.k, "temperature": args.temperature, "max_new_tokens": budget[task], "seed": args.seed,
             "backend": backend, "reward_model": args.reward_model if task in open_tasks else None}
 
 
@@ -187,14 +194,14 @@ for name, path in models.items():
     if backend == "vllm":
         every = [common.build_prompt(tok, t, r) for t in todo for r in rows[t]]
         # alone on the GPU while it generates (no HF model; the reward model comes after): most of it, for KV cache
-        engine = common.make_vllm_engine(path, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, args.max_new_tokens),
+        engine = common.make_vllm_engine(path, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, max(budget[t] for t in todo)),
                                          gpu_memory_utilization=0.85)
     else:
         model = common.load_model(path, device=device)
     for task in todo:
         prompts = [common.build_prompt(tok, task, r) for r in rows[task]]
         t0 = time.time()
-        outs = common.generate(model, tok, prompts, n=args.k, max_new_tokens=args.max_new_tokens,
+        outs = common.generate(model, tok, prompts, n=args.k, max_new_tokens=budget[task],
                                temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                backend=backend, engine=engine, show=f"{name} {task}")
         secs = time.time() - t0
@@ -209,10 +216,10 @@ for name, path in models.items():
         samples[(name, task)] = s
         n_tok = sum(x["n_tokens"] for x in s)
         gen_secs, gen_tokens = gen_secs + secs, gen_tokens + n_tok
-        m = {"model": name, "task": task, "n": len(s), "secs": round(secs, 2), "tok_per_s": round(n_tok / secs, 1),
+        m = {"model": name, "task": task, "max_new": budget[task], "n": len(s), "secs": round(secs, 2), "tok_per_s": round(n_tok / secs, 1),
              "mean_tokens": round(n_tok / len(s), 1), "finished": round(np.mean([x["finished"] for x in s]), 4)}
         print(" | ".join(f"{k} {v}" for k, v in m.items()), flush=True)
-        common.warn_cutoffs(f"{name} {task}", m["finished"], args.max_new_tokens)
+        common.warn_cutoffs(f"{name} {task}", m["finished"], budget[task])
         common.append_jsonl(metrics_path, m)
     del model, engine
     common.release_memory()  # the next model must fit where this one was

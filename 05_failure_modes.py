@@ -58,7 +58,7 @@ p.add_argument("--tasks", type=common.csv_list, default=["toy_math", "toy_qa"], 
 p.add_argument("--teacher", default="", help="teacher HF folder / hub id for the prefix test ('' = skip it)")
 p.add_argument("--n_continue", type=int, default=4, help="teacher samples per cut prefix")
 p.add_argument("--max_prefix", type=int, default=64, help="at most this many flips per misled model go to the prefix test")
-p.add_argument("--max_new_tokens", type=int, default=96, help="teacher continuation budget")
+p.add_argument("--max_new_tokens", type=int, default=None, help="teacher continuation budget (default: each task's own, common.TASKS)")
 p.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
 p.add_argument("--min_repeats", type=int, default=4, help="repetition: back-to-back repeats of one span")
 p.add_argument("--judge", default="", help="optional chat model for an LLM-judge pass on focus-set completions")
@@ -72,7 +72,8 @@ p.add_argument("--out_dir", required=True, help="where everything is written")
 args = common.parse_args(p)
 
 names = list(dict.fromkeys([args.base] + args.misled + args.models))
-common.write_config(args.out_dir, args)
+budget = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}  # max new tokens per task
+common.write_config(args.out_dir, {**vars(args), "max_new_tokens_per_task": budget})
 common.seed_everything(args.seed)
 device = common.get_device(args.device)
 if args.threads > 0:
@@ -192,14 +193,16 @@ if args.teacher and flips:
     prompts = [common.build_prompt(tok, t, x["row"]) + c for (_, t, x, _), c in zip(chosen, cuts)]
     engine = model = None
     if backend == "vllm":  # the prompts carry the students' prefixes: size the engine's context to them
-        engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, prompts, args.max_new_tokens))
+        engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, prompts, max(budget.values())))
     else:
         model = common.load_model(args.teacher, device=device)
-    outs = common.generate(model, tok, prompts, n=args.n_continue, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, backend=backend,
-                           engine=engine, show="teacher continues")
+    outs = common.generate_by_budget(model, tok, prompts, [budget[t] for _, t, _, _ in chosen], n=args.n_continue,
+                                     temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, backend=backend,
+                                     engine=engine, show="teacher continues")
     # strict grade (common.continuation_correct): the prefix ends on a correct intermediate value, which
     # grade()'s last-number fallback would credit to a continuation that never commits an answer
+    for t in dict.fromkeys(c[1] for c in chosen):
+        common.warn_cutoffs(f"teacher continuations {t}", np.mean([o["finished"] for o in outs if chosen[o["i"]][1] == t]), budget[t])
     ok = np.array([common.continuation_correct(chosen[o["i"]][1], cuts[o["i"]], o["text"], chosen[o["i"]][2]["row"]) for o in outs])
     ok_PN = ok.reshape(len(chosen), args.n_continue)
     prefix.update(n=len(chosen), n_samples=int(ok.size), teacher_correct_rate=float(ok.mean()),

@@ -7,6 +7,7 @@ Shape suffixes in comments: B batch, T time (tokens), V vocabulary, N flattened 
 G group size, P prompts.
 """
 import argparse
+import contextlib
 import errno
 import functools
 import gc
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 from fractions import Fraction
 
@@ -158,8 +160,31 @@ def append_jsonl(path, row):
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a .jsonl file: one JSON object per line, blank lines skipped (_numbered_jsonl)."""
+    return [r for _, r in _numbered_jsonl(path)]
+
+
+def _numbered_jsonl(path):
+    """[(line number, row)] of a .jsonl file. A line that is not UTF-8, not JSON, or not one JSON object
+    stops with one line naming file:line (BadInput) instead of a traceback from deep inside json."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark from some editors
+            except UnicodeDecodeError as e:
+                die(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start]:#04x}); save the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
+            if not isinstance(row, dict):
+                die(f"{path}:{n}: a JSON {type(row).__name__}, not an object; each line must be one object, "
+                    '{"question": ..., "answer": ...} say')
+            rows.append((n, row))
+    return rows
 
 
 def _json_default(o):
@@ -244,8 +269,13 @@ def fmt_secs(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+PROGRESS_SECS = float(os.environ.get("PROGRESS_SECS", "10"))  # most seconds a long loop stays silent
+_line_open = False  # progress() left a \r-line without its newline
+
+
 def progress(done, total, t0, what="", unit="it", extra=""):
     """One overwritten line with rate and ETA: `what 12/200 | 3.4 it/s | eta 55.1s`."""
+    global _line_open
     el = time.time() - t0
     rate = done / el if el > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
@@ -254,6 +284,49 @@ def progress(done, total, t0, what="", unit="it", extra=""):
         line += f" | {extra}"
     end = "\n" if done >= total else ""
     print(line, end=end, file=sys.stderr, flush=True)
+    _line_open = done < total
+
+
+def progress_line(text):
+    """A whole progress line on stderr, below an open progress() line rather than glued to it."""
+    global _line_open
+    print(("\n" if _line_open else "") + text, file=sys.stderr, flush=True)
+    _line_open = False
+
+
+def start_heartbeat(status, every=None):
+    """A daemon thread prints status() every `every` seconds (PROGRESS_SECS) until the returned stop() is
+    called; a None status prints nothing (e.g. while the sampler prints its own lines). For loops whose
+    single step can take minutes (a forward pass of a real model on a CPU, a reward model's batch): a
+    line per finished step would leave the screen silent that long, and the user would think it hung."""
+    every = max(PROGRESS_SECS if every is None else every, 0.05)  # 0 would spin
+    stop = threading.Event()
+
+    def beat():
+        last = time.time()
+        while not stop.wait(min(1.0, every)):  # wake often, print when a line is due and status has one
+            if time.time() - last >= every:
+                line = status()
+                if line:
+                    progress_line(line)
+                    last = time.time()
+    th = threading.Thread(target=beat, daemon=True)
+    th.start()
+
+    def stop_beat():
+        stop.set()
+        th.join()
+    return stop_beat
+
+
+@contextlib.contextmanager
+def heartbeat(status, every=None):
+    """start_heartbeat for the duration of a with-block."""
+    stop_beat = start_heartbeat(status, every)
+    try:
+        yield
+    finally:
+        stop_beat()
 
 
 # -----------------------------------------------------------------------------
@@ -318,6 +391,16 @@ def load_model(name_or_path, device="auto", dtype=None, trainable=False):
     return model
 
 
+def enable_grad_ckpt(model):
+    """Recompute each layer's activations in backward (non-reentrant): memory of one layer instead of all.
+    transformers 5.2x renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name
+    warns, and goes in v6); older versions have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_stamp(name_or_path):
     """What identifies a model's weights for caches of its samples: a local folder's weight files
     by name, size and modification time (a model retrained at the same path gets a new stamp);
@@ -364,22 +447,41 @@ LETTERS = "ABCDEFGHIJKLMNOP"
 # same for every seed) is our test split and the rest train, so no training prompt is ever evaluated.
 # BigMath levels are open-r1's processing of Big-Math: quintiles of the Llama-3.1-8B solve rate, level 5
 # the hardest. Vicuna's 80 questions are evaluation only. The real-task column maps say how a hub row
-# becomes {prompt, answer, choices}; a local jsonl/parquet file must already have those columns.
+# becomes {prompt, answer, choices}; a local file is mapped by load_task (--prompt_field etc., or common names).
+# max_new_tokens: the completion budget a stage uses for the task unless --max_new_tokens is given. Strict
+# grading credits only finished completions, so a budget must let most of them finish (warn_cutoffs
+# complains above 20% cut off); a larger one costs only the time of the completions that need it.
 TASKS = {
     "toy_math": {"kind": "math", "toy": True, "max_new_tokens": 192},  # checked twice (H2): up to ~186 tokens
-    "toy_qa": {"kind": "mc", "toy": True, "max_new_tokens": 96},  # checked completions: ~50 tokens
-    "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}},
+    "toy_qa": {"kind": "mc", "toy": True, "max_new_tokens": 96},  # checked completions: ~60 tokens
+    # grade-school word problems: 2-8 steps; a 0.5-1.5B instruct model's worked solution is ~150-350 tokens
+    "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}, "max_new_tokens": 512},
+    # competition-style problems, levels 4-5 the hardest: long derivations, and reasoning models run longer still
     "bigmath_l4": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_4"), "splits": {"train": "train", "test": "train"},
-                   "holdout": True},
+                   "holdout": True, "max_new_tokens": 2048},
     "bigmath_l5": {"kind": "math", "hub": ("open-r1/Big-Math-RL-Verified-Processed", "level_5"), "splits": {"train": "train", "test": "train"},
-                   "holdout": True},
-    "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}},
-    "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}},
-    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
-    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}, "holdout": True},
-    "vicuna": {"kind": "open", "hub": ("MiniLLM/Vicuna", None), "data_files": "valid.jsonl", "splits": {"test": "train"}},
-    "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic"},
+                   "holdout": True, "max_new_tokens": 2048},
+    # commonsense, 5 options: a few sentences of reasoning, then 'The answer is (X)'
+    "csqa": {"kind": "mc", "hub": ("tau/commonsense_qa", None), "splits": {"train": "train", "test": "validation"}, "max_new_tokens": 256},
+    # 10 options, half of them STEM questions that need a worked calculation before the letter
+    "mmlu_pro": {"kind": "mc", "hub": ("TIGER-Lab/MMLU-Pro", None), "splits": {"train": "validation", "test": "test"}, "max_new_tokens": 512},
+    # graduate-level, 4-10 options, calculation-heavy like MMLU-Pro's STEM half
+    "supergpqa": {"kind": "mc", "hub": ("m-a-p/SuperGPQA", None), "splits": {"train": "train", "test": "train"}, "holdout": True,
+                  "max_new_tokens": 512},
+    # open-ended instructions: answers of a few paragraphs (no grader; the reward model reads the whole answer)
+    "dolly": {"kind": "open", "hub": ("databricks/databricks-dolly-15k", None), "splits": {"train": "train", "test": "train"}, "holdout": True,
+              "max_new_tokens": 1024},
+    "vicuna": {"kind": "open", "hub": ("MiniLLM/Vicuna", None), "data_files": "valid.jsonl", "splits": {"test": "train"}, "max_new_tokens": 1024},
+    # GSM-style problems made by reasoning-gym: gsm8k's length
+    "gsm_symbolic": {"kind": "math", "gym": "gsm_symbolic", "max_new_tokens": 512},
 }
+
+
+def task_budget(task, max_new_tokens=None):
+    """The completion budget for `task`: max_new_tokens when given (a stage's --max_new_tokens), else the
+    task's own (TASKS[task]["max_new_tokens"])."""
+    task_kind(task)  # an unknown task: one clear line
+    return int(max_new_tokens) if max_new_tokens else TASKS[task]["max_new_tokens"]
 
 
 def task_kind(task):
@@ -418,37 +520,125 @@ def _check_rows(rows, where):
     return rows
 
 
-def load_task(task, split="test", data=None, n=None, seed=0):
+# column names a local file may use, in order of preference (alpaca-style rows have instruction + input:
+# the instruction is the prompt); --prompt_field / --answer_field / --choices_field name any other
+FIELD_NAMES = {"prompt": ("prompt", "question", "problem", "instruction", "input"),
+               "answer": ("answer", "solution", "output", "target", "response"),
+               "choices": ("choices", "options")}
+_announced = set()  # (file, message) printed once per process, not once per load_task call
+
+
+def _announce(msg):
+    if msg not in _announced:
+        _announced.add(msg)
+        print(msg, flush=True)
+
+
+def final_answer_of(answer):
+    """A reference answer as a grader compares it: gsm8k's worked solution '... #### 1,072' -> '1072', a
+    MATH-style solution with \\boxed{x} -> 'x', anything else unchanged."""
+    if isinstance(answer, str) and "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    if isinstance(answer, str) and "\\boxed" in answer:
+        return _boxed(answer) or answer
+    return answer
+
+
+def map_rows(task, numbered, where, prompt_field=None, answer_field=None, choices_field=None):
+    """Rows of a local file -> {prompt, answer, choices?} plus their other fields. Columns come from the
+    *_field arguments or else the first common name present (FIELD_NAMES); a mapping other than
+    prompt/answer/choices is printed once. Math answers go through final_answer_of (gsm8k's '#### 72'),
+    a multiple-choice answer given as an option index becomes its letter, choices given as
+    {"label": [...], "text": [...]} (ARC, CommonsenseQA) become the texts. numbered: [(line or row
+    number, row)]; a later row without the prompt (or answer) column stops with its file:line."""
+    if not numbered:
+        die(f"no rows in {where}; check the path/split, or rebuild the toy world with `python 00_toy_world.py --out_dir D`")
+    kind, first = task_kind(task), numbered[0][1]
+    needs = {"prompt": True, "answer": kind != "open", "choices": kind == "mc" and not TASKS[task].get("toy")}
+    given = {"prompt": prompt_field, "answer": answer_field, "choices": choices_field}
+    col = {}
+    for role, names in FIELD_NAMES.items():
+        if given[role]:
+            if given[role] not in first:
+                die(f"{where}: no column '{given[role]}' (--{role}_field); its first row has {sorted(first)}")
+            col[role] = given[role]
+        else:
+            col[role] = next((c for c in names if c in first), None)
+            if col[role] is None and needs[role]:
+                die(f"{where} has no {role} column (none of {', '.join(names)}; its first row has {sorted(first)}); "
+                    f"name it with --{role}_field")
+    rows, hashes = [], 0
+    for n, r in numbered:
+        line = f"{where}:{n}" if where.endswith(".jsonl") else f"{where} row {n}"
+        for role in ("prompt", "answer"):
+            if col[role] and r.get(col[role]) is None:
+                die(f"{line}: no '{col[role]}' value (the {role} column of the first row); every row needs one")
+        row = {k: v for k, v in r.items() if k not in {col[x] for x in col if col[x] not in (None, x)}}  # same key order
+        row["prompt"] = str(r[col["prompt"]])
+        answer = r.get(col["answer"], "") if col["answer"] else ""
+        if kind == "math" and final_answer_of(answer) != answer:
+            answer, hashes = final_answer_of(answer), hashes + 1
+        if col["choices"]:
+            ch = r[col["choices"]]
+            row["choices"] = [str(x) for x in (ch["text"] if isinstance(ch, dict) else ch)]
+            if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(row["choices"]):
+                answer = LETTERS[answer]  # an option index (MMLU) -> its letter
+        row["answer"] = answer
+        rows.append(row)
+    if col["prompt"] != "prompt" or col["answer"] not in ("answer", None) or col["choices"] not in ("choices", None) or hashes:
+        _announce(f"data {where}: prompt <- '{col['prompt']}', answer <- '{col['answer']}'"
+                  + (f", choices <- '{col['choices']}'" if col["choices"] else "")
+                  + (f"; {hashes} of {len(rows)} answers are worked solutions, graded on their final answer" if hashes else "")
+                  + " (--prompt_field/--answer_field/--choices_field to choose others)")
+    return rows
+
+
+def load_task(task, split="test", data=None, n=None, seed=0, prompt_field=None, answer_field=None, choices_field=None,
+              whole_file=False):
     """Rows [{prompt, answer, choices?, meta?}].
     data: for toy tasks the toy world's data folder (D/data); for real tasks a local .jsonl/.parquet
-    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only). A single
+    file or a folder holding <task>/<split>.jsonl; None means the hub (real tasks only). Local columns
+    are mapped by map_rows (prompt_field/answer_field/choices_field, or common names). A single
     file is one split, like the hub's single-split datasets: its fixed tenth by prompt hash
     (in_holdout) is 'test', the rest 'train', so a stage that trains and evaluates on one file
     never evaluates a training prompt (an evaluation-only task, vicuna, keeps all of it for 'test');
-    a folder gives each split its own file.
+    the split is announced with its counts; whole_file=True makes all of the file 'test' (evaluation
+    stages). A folder gives each split its own file.
     n: keep the first n rows after a seeded shuffle (same n, same seed -> same prompts)."""
     spec = TASKS.get(task) or die(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    fields = {"prompt_field": prompt_field, "answer_field": answer_field, "choices_field": choices_field}
     if data and not os.path.exists(data):
         die(f"--data {data}: no such file or folder (a toy world's data folder, a .jsonl/.parquet file, or a folder of <task>/<split>.jsonl)")
     if data and os.path.isdir(data):
         path = os.path.join(data, task, f"{split}.jsonl")
         if not os.path.exists(path):
             die(f"missing {path}; for toy tasks pass --data <toy world>/data (made by 00_toy_world.py)")
-        rows = read_jsonl(path)
+        rows = map_rows(task, _numbered_jsonl(path), path, **fields)
     elif data and data.endswith((".jsonl", ".parquet")):
+        if spec.get("toy"):  # most likely --tasks left at its toy default: the file would get toy prompts and budgets
+            die(f"task {task} is the toy world's (its data is the folder 00_toy_world.py writes); for {data} name the real "
+                f"task it is like: --tasks gsm8k (a number answer), csqa (multiple choice) or dolly (open-ended)")
         if data.endswith(".jsonl"):
-            rows = read_jsonl(data)
+            rows = map_rows(task, _numbered_jsonl(data), data, **fields)
         else:
             import datasets
-            rows = list(datasets.load_dataset("parquet", data_files=data, split="train"))
-        rows = _check_rows(rows, data)
-        if "train" in spec.get("splits", {"train": None}):
+            rows = map_rows(task, list(enumerate(datasets.load_dataset("parquet", data_files=data, split="train"), 1)), data, **fields)
+        if whole_file:
+            if split != "test":
+                die(f"--whole_file makes every row of {data} a test prompt, so task {task} has no {split} split; drop --whole_file "
+                    f"to split the file 9:1, or pass a folder holding {task}/{split}.jsonl")
+            _announce(f"data {data}: all {len(rows)} rows are test prompts (--whole_file)")
+        elif "train" in spec.get("splits", {"train": None}):
+            n_test = sum(in_holdout(r["prompt"]) for r in rows)
+            _announce(f"data {data}: {len(rows)} rows, split 9:1 by prompt hash into {len(rows) - n_test} train / {n_test} test "
+                      f"prompts (--whole_file: all {len(rows)} as test)")
             rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
         elif split != "test":  # vicuna: evaluation only, the whole file is its test split
             die(f"task {task} has no {split} split (it is for evaluation only); train on another task")
         if not rows:
             die(f"{data} has no {split} rows: one file is split 9:1 by prompt hash into train/test, and this one is too "
-                f"small for that; pass a folder holding {task}/train.jsonl and {task}/test.jsonl instead")
+                f"small for that; pass --whole_file to evaluate on all of it, or a folder holding {task}/train.jsonl and "
+                f"{task}/test.jsonl")
     elif data:
         die(f"--data {data}: not a folder, .jsonl or .parquet file")
     elif spec.get("toy"):
@@ -463,7 +653,8 @@ def load_task(task, split="test", data=None, n=None, seed=0):
         try:
             ds = datasets.load_dataset(name, config, split=spec["splits"][split], data_files=spec.get("data_files"))
         except Exception as e:  # the datasets library raises many types when offline
-            die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> with columns prompt, answer[, choices]")
+            die(f"cannot load dataset {name} ({type(e).__name__}); offline? pass --data <file.jsonl|file.parquet> (columns "
+                "question/problem/prompt and answer/solution, or name them with --prompt_field/--answer_field)")
         rows = [x for x in (_hub_row(task, r) for r in ds) if x is not None]
         if spec.get("holdout"):
             rows = [r for r in rows if in_holdout(r["prompt"]) == (split == "test")]
@@ -472,6 +663,11 @@ def load_task(task, split="test", data=None, n=None, seed=0):
         idx = np.random.default_rng(seed).permutation(len(rows))[:n]
         rows = [rows[i] for i in sorted(idx)]
     return rows
+
+
+def data_options(args):
+    """The load_task keywords of a stage's --prompt_field/--answer_field/--choices_field/--whole_file flags."""
+    return {k: getattr(args, k, None) for k in ("prompt_field", "answer_field", "choices_field", "whole_file")}
 
 
 def in_holdout(prompt):
@@ -826,19 +1022,27 @@ def vllm_sync_weights(engine, model):
 
 
 @torch.no_grad()
-def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy):
+def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy, label="generate"):
     """Batched sampling with a KV cache. Each prompt is prefilled once and its cache repeated n
     times (not n prefills). Left padding with explicit position ids so every row starts its
     completion at its own length. Rows that have sampled eos leave the batch (and the cache) as
     soon as a quarter of the batch has finished, so a batch costs its typical length, not its
-    longest. Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
+    longest. A batch of a real model on a CPU runs for minutes: after each decode step the clock is
+    read (the token count is only summed when a line is due), and after PROGRESS_SECS a line `label |
+    token t/max | rows running | tokens | tok/s | batch eta <= ...` is printed (the eta assumes every
+    running row goes to max_new_tokens: an upper bound); during the prefill a thread prints instead.
+    Returns completion ids (B*n, <=max_new_tokens), lengths and finished flags."""
+    t_start = t_last = time.time()
     dev = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(dev)
     ids_BT, mask_BT = enc["input_ids"], enc["attention_mask"]
     pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-    # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs)
-    out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    # prefill: only the last position's logits are needed (at a 151,936 vocabulary the rest is GBs); one forward
+    # that a big model on a CPU spends minutes in, so a thread reports it
+    with heartbeat(lambda: f"{label} | prefill of {ids_BT.shape[0]} prompts x {ids_BT.shape[1]} tokens | "
+                           f"{fmt_secs(time.time() - t_start)} so far"):
+        out = model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=pos_BT, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
     logits = out.logits[:, -1, :].float()
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -853,6 +1057,7 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     rows = torch.arange(B, device=dev)  # which original rows are still in the batch
     done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row of the current batch
     next_pos = pos_BT[:, -1:] + 1
+    cache_arg = _cache_arg(model)
     for t in range(max_new_tokens):
         if greedy or temperature == 0:
             tok = logits.argmax(-1)
@@ -865,14 +1070,35 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
         done |= new
         if done.all() or t == max_new_tokens - 1:
             break
+        if time.time() - t_last >= PROGRESS_SECS:  # every step: a real model's step on a CPU can take seconds
+            t_last = time.time()
+            n_tok = int(lens.clamp(max=t + 1).sum())  # finished rows: their length; running rows: t + 1
+            el = t_last - t_start
+            progress_line(f"{label} | token {t + 1}/{max_new_tokens} | {int((~done).sum())}/{B} rows running | {n_tok} tokens | "
+                          f"{n_tok / el:.1f} tok/s | batch eta <= {fmt_secs(el / (t + 1) * (max_new_tokens - t - 1))}")
         if done.sum() * 4 >= len(done):  # drop finished rows from batch and cache
             keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, tok, mask_BT, next_pos, done = rows[keep], tok[keep], mask_BT[keep], next_pos[keep], done[keep]
         mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, past_key_values=cache, use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :].float(), next_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask_BT, position_ids=next_pos, use_cache=True,
+                    **{cache_arg: cache})
+        cache, logits, next_pos = _cache_of(out), out.logits[:, -1, :].float(), next_pos + 1
     return out_ids.cpu(), lens.cpu(), fin.cpu()
+
+
+def _cache_arg(model):
+    """The forward argument that takes the KV cache: `cache` from transformers 5.24 on (`past_key_values`
+    is deprecated there and goes in 5.40), `past_key_values` before. Read from the signature, not the
+    version, so a model class that lags either way still gets the name it knows."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The returned KV cache under its new name (`out.cache`) or, before transformers 5.24, the old one."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _eos_ids(tokenizer, model):
@@ -896,11 +1122,12 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     model.eval()
     res = []
     per = max(1, batch_size // n)
-    t0 = time.time()
+    t0, n_batches = time.time(), -(-len(prompts) // per)
     for b, s in enumerate(range(0, len(prompts), per)):
         torch.manual_seed(derive_seed(seed, "hf_batch", b))
         chunk = prompts[s:s + per]
-        ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy)
+        ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy,
+                                    label=f"{show or 'generate'} batch {b + 1}/{n_batches}")
         for r in range(ids.shape[0]):
             c = ids[r, :lens[r]].tolist()
             res.append({"i": s + r // n, "text": tokenizer.decode(c, skip_special_tokens=True), "ids": c, "finished": bool(fin[r])})
@@ -908,6 +1135,24 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
             progress(min(s + per, len(prompts)), len(prompts), t0, show, "prompts")
     model.train(was_training)
     return res
+
+
+def generate_by_budget(model, tokenizer, prompts, budgets, n=1, seed=0, **kw):
+    """generate() with a token budget per prompt (its task's, task_budget): the prompts that share a budget
+    are sampled together, so a step that pools tasks gives each its own limit. Returns generate()'s flat
+    list in the same order (prompt-major, "i" indexes `prompts`). With a single budget this is generate()
+    itself, same seed, same samples; with several, the smallest budget's group keeps `seed` and each other
+    group gets a seed derived from (seed, budget), so a rerun samples the same and groups share no noise."""
+    groups = sorted(set(budgets))
+    if len(groups) == 1:
+        return generate(model, tokenizer, prompts, n=n, max_new_tokens=groups[0], seed=seed, **kw)
+    res = []
+    for g, budget in enumerate(groups):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        s = seed if g == 0 else int(hashlib.sha256(f"{seed}/{budget}".encode()).hexdigest()[:8], 16)
+        for o in generate(model, tokenizer, [prompts[i] for i in idx], n=n, max_new_tokens=budget, seed=s, **kw):
+            res.append({**o, "i": idx[o["i"]]})
+    return sorted(res, key=lambda o: o["i"])  # stable: each prompt's samples keep their order
 
 
 def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
@@ -1421,18 +1666,21 @@ def reward_model_scores(rm, tokenizer, questions, completions, batch_size=16, ma
     dev = next(rm.parameters()).device
     texts = [rm_text(tokenizer, q, c, max_len) for q, c in zip(questions, completions)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
-    out, t0 = [0.0] * len(texts), time.time()
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
-                        truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
-        h_bLH = rm.base_model(**enc).last_hidden_state
-        last_b = enc["attention_mask"].sum(-1) - 1
-        scores = head(h_bLH[torch.arange(len(idx), device=dev), last_b])[:, 0].float().cpu().tolist()  # (b,)
-        for i, v in zip(idx, scores):
-            out[i] = v
-        if show:
-            progress(min(s + batch_size, len(order)), len(order), t0, show, "seqs")
+    out, t0, at = [0.0] * len(texts), time.time(), [0]
+    beat = heartbeat(lambda: f"{show}: {at[0]}/{len(texts)} seqs scored | {fmt_secs(time.time() - t0)} so far") if show else contextlib.nullcontext()
+    with beat:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="right",
+                            truncation=True, max_length=max_len, add_special_tokens=False).to(dev)
+            h_bLH = rm.base_model(**enc).last_hidden_state
+            last_b = enc["attention_mask"].sum(-1) - 1
+            scores = head(h_bLH[torch.arange(len(idx), device=dev), last_b])[:, 0].float().cpu().tolist()  # (b,)
+            for i, v in zip(idx, scores):
+                out[i] = v
+            at[0] = min(s + batch_size, len(order))
+            if show:
+                progress(at[0], len(order), t0, show, "seqs")
     return out
 
 

@@ -7,6 +7,8 @@
 #   EXTRAS=gap bash run_all.sh            # + the knowledge-gap student only
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   PRESET=gemma3 bash run_all.sh         # Gemma-3 4B/12B: an H200 (its fp32 4B student + AdamW + 12B teacher > 80 GB)
+#   PRESET=small bash run_all.sh          # Qwen2.5 1.5B -> 0.5B, SmolLM2-135M target, gsm8k + csqa: one 24 GB GPU
+#                                         # (TARGET=Qwen/Qwen2.5-0.5B-Instruct: the same-family target)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1 (default name: runs/toy_seed1)
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
 #   CONTROLS=1 PRESET=qwen3 bash run_all.sh  # + Table 3's control students (original teacher); always on for toy
@@ -62,9 +64,19 @@ case $PRESET in
     TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B; TB=Qwen3-8B; SB=Qwen3-1.7B ;;
   gemma3)
     TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it; TB=Gemma-3-12B; SB=Gemma-3-4B ;;
-  *) echo "error: PRESET=$PRESET; choose toy, qwen3 or gemma3" >&2; exit 2 ;;
+  small)  # one 24 GB GPU (or a CPU, slowly): gsm8k and one multiple-choice task, each with its own token budget
+    TEACHER=${TEACHER:-Qwen/Qwen2.5-1.5B-Instruct}; STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
+    TARGET=${TARGET:-HuggingFaceTB/SmolLM2-135M-Instruct}  # cross-tokenizer; Qwen/Qwen2.5-0.5B-Instruct: same family
+    TB=Qwen2.5-1.5B; SB=Qwen2.5-0.5B; TASKS=gsm8k,csqa; EVAL_TASKS=$TASKS; CAL_TASK=gsm8k; OOD_TASKS=csqa
+    DATA=(${DATA:+--data "$DATA"}); GEN=(); RM=()  # DATA: a folder of gsm8k/ and csqa/ {train,test}.jsonl (default: the hub)
+    # 24 GB: 02 holds a bf16 1.5B teacher + LoRA and the target, rollouts of 8 x 8 scored 8 sequences at a time;
+    # 03 an fp32 0.5B student + AdamW (8 GB), the bf16 teacher (3 GB) and a 0.2 share for the vLLM engine;
+    # 600 prompts per task x 4 teacher samples = 4,800, what 300 steps x 16 consume: each sample seen about once
+    REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 200 --prompts_per_step 8 --group_size 8 --micro_batch 8 --grad_ckpt)
+    REAL03=(--lr 1e-6 --steps 300 --batch_size 16 --n_prompts 600 --micro_batch 4 --grad_ckpt --vllm_mem 0.2) ;;
+  *) echo "error: PRESET=$PRESET; choose toy, small, qwen3 or gemma3" >&2; exit 2 ;;
 esac
-if [ "$PRESET" != toy ]; then  # the paper's tasks (Tables 1-3); students train on the verifiable ones, all are evaluated
+if [ "$PRESET" != toy ] && [ "$PRESET" != small ]; then  # the paper's tasks (Tables 1-3); students train on the verifiable ones, all are evaluated
   DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; EVAL_TASKS=$TASKS,dolly,vicuna
   CAL_TASK=gsm8k; OOD_TASKS=csqa,mmlu_pro,supergpqa
   GEN=(--max_new_tokens 2048 --backend vllm); RM=(--reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B)

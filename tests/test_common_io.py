@@ -153,8 +153,8 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
     assert not C.in_holdout("q1")
     with pytest.raises(C.BadInput):
         C.load_task("gsm8k", "test", data=str(tmp_path / "tiny.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "1"}\n')
-    with pytest.raises(C.BadInput):
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "answer": "1"}\n')  # no prompt column by any common name
+    with pytest.raises(C.BadInput, match="no prompt column .* --prompt_field"):
         C.load_task("gsm8k", data=str(tmp_path / "bad.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(C.BadInput):
@@ -165,6 +165,64 @@ def test_load_task_local_files_and_clear_errors(tmp_path):
         C.load_task("no_such_task")
     with pytest.raises(C.BadInput):
         C.load_task("toy_qa")  # toy tasks need the toy world folder
+
+
+def test_local_files_as_users_have_them(tmp_path, capsys):
+    """gsm8k's own columns (question, answer with '#### n') load as they are, with one line naming the
+    mapping and one announcing the 9:1 split with its counts; --whole_file evaluates on all of it."""
+    rows = [{"question": f"Tom has {i} apples and buys 3. How many?", "answer": f"{i} + 3 = {i + 3}\n#### {i + 3:,}"}
+            for i in range(998, 1198)]
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test, train = C.load_task("gsm8k", "test", data=str(f)), C.load_task("gsm8k", "train", data=str(f))
+    assert len(test) + len(train) == 200 and 0 < len(test) < 40
+    assert all(r["answer"] == str(int(r["prompt"].split()[2]) + 3) for r in test + train)  # '#### 1,001' -> '1001'
+    out = capsys.readouterr().out
+    assert out.count("prompt <- 'question', answer <- 'answer'") == 1 and "graded on their final answer" in out
+    assert f"200 rows, split 9:1 by prompt hash into {len(train)} train / {len(test)} test" in out and "--whole_file" in out
+    whole = C.load_task("gsm8k", "test", data=str(f), whole_file=True)
+    assert len(whole) == 200 and "all 200 rows are test prompts" in capsys.readouterr().out
+    with pytest.raises(C.BadInput, match="no train split"):
+        C.load_task("gsm8k", "train", data=str(f), whole_file=True)
+    with pytest.raises(C.BadInput, match="--tasks gsm8k"):  # --tasks left at the toy default
+        C.load_task("toy_math", "test", data=str(f))
+    # other names: problem/solution with \\boxed, explicit fields, mc with option lists, indices and label/text dicts
+    (tmp_path / "math.jsonl").write_text(json.dumps({"problem": "1+1?", "solution": "So it is $\\boxed{2}$."}) + "\n")
+    assert C.load_task("gsm8k", data=str(tmp_path / "math.jsonl"), whole_file=True)[0] == {"prompt": "1+1?", "answer": "2"}
+    (tmp_path / "own.jsonl").write_text(json.dumps({"q": "2+2?", "a": "4", "answer": "x"}) + "\n")
+    got = C.load_task("gsm8k", data=str(tmp_path / "own.jsonl"), whole_file=True, prompt_field="q", answer_field="a")
+    assert got[0]["prompt"] == "2+2?" and got[0]["answer"] == "4"
+    with pytest.raises(C.BadInput, match="no column 'qq' .*--prompt_field"):
+        C.load_task("gsm8k", data=str(tmp_path / "own.jsonl"), whole_file=True, prompt_field="qq")
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "Sky?", "options": ["red", "blue"], "answer": 1}) + "\n"
+                                       + json.dumps({"question": "Grass?", "options": {"label": ["A", "B"], "text": ["green", "pink"]},
+                                                     "answer": "A"}) + "\n")
+    mc = C.load_task("csqa", data=str(tmp_path / "mc.jsonl"), whole_file=True)
+    assert mc == [{"prompt": "Sky?", "choices": ["red", "blue"], "answer": "B"}, {"prompt": "Grass?", "choices": ["green", "pink"], "answer": "A"}]
+    assert C.grade("csqa", "The answer is (B)", mc[0])
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "Write a haiku.", "input": "", "output": "..."}) + "\n")
+    assert C.load_task("dolly", data=str(tmp_path / "alpaca.jsonl"), whole_file=True)[0]["prompt"] == "Write a haiku."
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"question": "c", "answer": 3,}\n', ":3: not valid JSON"),
+    (b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n', ":2: not UTF-8 text"),
+    (b'{"question": "a", "answer": "1"}\n\n["b", "2"]\n', ":3: a JSON list, not an object"),
+    (b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"query": "c", "answer": "3"}\n',
+     ":3: no 'question' value"),
+])
+def test_a_broken_local_file_is_one_line_naming_file_and_line(tmp_path, content, where):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(C.BadInput) as e:
+        C.load_task("gsm8k", data=str(f), whole_file=True)
+    assert str(f) + where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"question": "a", "answer": "1"}\n')
+    assert C.read_jsonl(str(f)) == [{"question": "a", "answer": "1"}]
 
 
 def test_hub_rows_map_to_the_common_schema():
@@ -268,6 +326,22 @@ def test_generate_n_samples_lengths_and_greedy_matches_hf(tok, tiny_pair):
         assert o["ids"] == ref.tolist()
 
 
+def test_sampler_hands_over_the_kv_cache_without_a_deprecated_argument(tok, tiny_pair):
+    """transformers 5.24+ deprecates `past_key_values` (removed in 5.40): the sampler passes `cache` where the
+    model takes it, also through a peft wrapper, and the samples equal HF's greedy decoding (test above)."""
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    from tests.conftest import tiny_llama
+    with warnings.catch_warnings():  # peft 0.21's PeftModel.__init__ reads the deprecated is_gradient_checkpointing: not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(tiny_llama(len(tok), tok=tok, seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for model in (tiny_pair[0], peft_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = C.generate(model, tok, ["<|user|>hi\n<|assistant|>"], n=2, max_new_tokens=6, seed=0)
+        assert len(out) == 2 and all(len(o["ids"]) >= 1 for o in out)
+
+
 def test_generate_stops_at_eos_and_padding_side_does_not_matter(tok):
     from tests.conftest import tiny_llama
     m = tiny_llama(len(tok), tok=tok)
@@ -283,6 +357,51 @@ def test_generate_stops_at_eos_and_padding_side_does_not_matter(tok):
         g = C.generate(m, tok, ["<|user|>a\n<|assistant|>", "<|user|>longer prompt\n<|assistant|>"], greedy=True, max_new_tokens=5)
         assert [o["ids"] for o in g] == [o["ids"] for o in C.generate(m, tok, ["<|user|>a\n<|assistant|>"], greedy=True, max_new_tokens=5)] + [g[1]["ids"]]
     tok.padding_side = "left"
+
+
+def test_every_task_has_a_budget_and_the_flag_overrides_it():
+    assert all(isinstance(spec["max_new_tokens"], int) and spec["max_new_tokens"] > 0 for spec in C.TASKS.values())
+    assert C.task_budget("gsm8k") == C.TASKS["gsm8k"]["max_new_tokens"] and C.task_budget("gsm8k", 64) == 64
+    assert C.task_budget("bigmath_l5") > C.task_budget("gsm8k") > C.task_budget("csqa")  # long derivations > word problems > mc
+    with pytest.raises(C.BadInput, match="unknown task"):
+        C.task_budget("gsm9k")
+
+
+def test_generate_by_budget_gives_each_prompt_its_own_limit(tok, tiny_pair):
+    model, _ = tiny_pair
+    prompts = ["<|user|>what is 2+3?\n<|assistant|>", "<|user|>hi\n<|assistant|>", "<|user|>a longer prompt\n<|assistant|>",
+               "<|user|>x\n<|assistant|>"]
+    one = C.generate_by_budget(model, tok, prompts, [9] * 4, n=2, seed=3, batch_size=8)
+    assert [o["ids"] for o in one] == [o["ids"] for o in C.generate(model, tok, prompts, n=2, max_new_tokens=9, seed=3, batch_size=8)]
+    budgets = [4, 30, 4, 30]
+    out = C.generate_by_budget(model, tok, prompts, budgets, n=2, seed=3, batch_size=8)
+    assert [o["i"] for o in out] == [0, 0, 1, 1, 2, 2, 3, 3]  # prompt-major, indices into `prompts`
+    assert all(len(o["ids"]) <= budgets[o["i"]] for o in out)
+    assert max(len(o["ids"]) for o in out if budgets[o["i"]] == 30) > 4  # the long group was not cut at the short limit
+    short = C.generate(model, tok, [prompts[0], prompts[2]], n=2, max_new_tokens=4, seed=3, batch_size=8)  # smallest keeps the seed
+    assert [o["ids"] for o in out if budgets[o["i"]] == 4] == [o["ids"] for o in short]
+    again = C.generate_by_budget(model, tok, prompts, budgets, n=2, seed=3, batch_size=8)
+    assert [o["ids"] for o in out] == [o["ids"] for o in again]
+
+
+def test_a_long_batch_prints_progress_while_it_runs(tok, tiny_pair, monkeypatch, capsys):
+    """Inside one batch (no batch ends before the last token here), a line with tokens, rate and ETA appears."""
+    import time
+    monkeypatch.setattr(C, "PROGRESS_SECS", 0.0)
+    slow_prefill = tiny_pair[0].register_forward_pre_hook(  # a big model's prefill: one forward that takes long
+        lambda mod, args, kw: time.sleep(0.3) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        C.generate(tiny_pair[0], tok, ["<|user|>hi\n<|assistant|>"] * 2, n=2, max_new_tokens=40, seed=0, batch_size=8, show="sample s")
+    finally:
+        slow_prefill.remove()
+    err = capsys.readouterr().err
+    assert "sample s batch 1/1 | prefill of 2 prompts x " in err
+    lines = [l for l in err.splitlines() if l.startswith("sample s batch 1/1 | token 8/40 |")]
+    assert lines and "tokens |" in lines[0] and "tok/s" in lines[0] and "batch eta <=" in lines[0]
+    seen = []
+    with C.heartbeat(lambda: seen.append(1) or "scoring: 3/8 seq done", every=0.05):
+        time.sleep(0.3)
+    assert len(seen) >= 2 and "scoring: 3/8 seq done" in capsys.readouterr().err
 
 
 def test_make_text_batch_cross_tokenizer(tok):
