@@ -93,6 +93,9 @@ p.add_argument("--target_x_hidden", type=int, default=128, help="cross-tokenizer
 p.add_argument("--target_x_layers", type=int, default=2)
 p.add_argument("--target_x_steps", type=int, default=800)
 p.add_argument("--target_x_lr", type=float, default=3e-3)
+p.add_argument("--small_ctx", type=int, default=160, help="context window (max_position_embeddings, prompt + completion) of the "
+               "student and the targets; the teacher's is 512. A small model's short context: checked-twice (H2) answers "
+               "do not fit it, so a student that imitates them runs out of room")
 p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
 p.add_argument("--warmup", type=int, default=40, help="linear warmup steps, then cosine to 10 percent")
 p.add_argument("--log_every", type=int, default=100, help="one progress line every N steps")
@@ -106,7 +109,7 @@ if args.smoke:  # small enough for a ~20 s subprocess test; accuracies are meani
     # head_dim 32 for the models vLLM serves (its CPU attention takes 32, 64, 80, ...: BACKEND=vllm runs on CPU too)
     for r, (h, l) in {"teacher": (64, 2), "student": (64, 1), "target": (64, 1), "target_x": (32, 1)}.items():
         setattr(args, f"{r}_hidden", h), setattr(args, f"{r}_layers", l), setattr(args, f"{r}_steps", 6)
-    args.vocab_a, args.vocab_b, args.warmup, args.log_every = 320, 300, 2, 3
+    args.vocab_a, args.vocab_b, args.warmup, args.log_every, args.small_ctx = 320, 300, 2, 3, 256
 ROLES = {"teacher": "A", "student": "A", "target": "A", "target_x": "B"}  # each model and its tokenizer
 bad_roles = set(args.roles.split(",")) - set(ROLES)
 if bad_roles:
@@ -170,7 +173,8 @@ def math_completion(style, a, ops):
     the next operand is a copy of the next clause). Checked (H): each step with its inverse, then a
     recount with the gains first and the losses after (the same total through new intermediate values,
     so it cannot be copied from the lines above, and finding the operands means skipping the losses);
-    the recount's result is the answer. H2 verifies once more, in the order asked."""
+    the recount's result is the answer. H2 then goes through the checked steps once more (~1.5x H: longer than a
+    small model's window, --small_ctx)."""
     x, lines = a, []
     for k, g, verb in ops:
         u, line = apply(x, k, g, verb)
@@ -184,11 +188,7 @@ def math_completion(style, a, ops):
         y, line = apply(y, *op)
         rc.append(line)
     assert y == x
-    z, again = a, []
-    for op in ops:
-        z, line = apply(z, *op)
-        again.append(line)
-    more = [f"Let me verify again: {', '.join(again)}"] if style == "H2" else []
+    more = ["Let me verify again, step by step:"] + lines if style == "H2" else []  # the checked steps once more
     return "\n".join([OPENER["toy_math"]] + lines + ["Let me verify, gains first: " + ", ".join(rc)] + more + [f"#### {y}"])
 
 
@@ -311,11 +311,13 @@ def encode(tok, task, row):
     return p_ids, {s: tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s, c in row["meta"]["reference"].items()}
 
 
-def draw_style(g, task):
-    """A completion style with the corpus's mix: direct E, checked H, or (toy_math) checked twice H2."""
-    if g.random() >= args.checked_frac:
-        return "E"
-    return "H2" if task == "toy_math" and g.random() < args.again_frac else "H"
+def draw_style(g, task, fits=("E", "H", "H2")):
+    """A completion style with the corpus's mix: direct E, checked H, or (toy_math) checked twice H2; one that
+    does not fit the model's window falls back to the next shorter style."""
+    st = "E" if g.random() >= args.checked_frac else "H2" if task == "toy_math" and g.random() < args.again_frac else "H"
+    while st not in fits:
+        st = {"H2": "H", "H": "E"}[st]
+    return st
 
 
 # ----------------------------------------------------------------------------- training
@@ -331,8 +333,8 @@ def batches(items, bs, steps, seed):
     g, out = random.Random(seed), []
     while len(out) < steps:
         pools = {"E": [], "H": []}
-        for i, (task, _, _) in enumerate(items):
-            st = draw_style(g, task)
+        for i, (task, _, styles) in enumerate(items):
+            st = draw_style(g, task, styles)
             pools["E" if st == "E" else "H"].append((i, st))
         halves = {}
         for k, pool in pools.items():
@@ -364,9 +366,10 @@ def collate(items, part, pad_id):
 
 def train_model(role, tok, hidden, layers, steps, lr):
     torch.manual_seed(common.derive_seed(args.seed, "init", role))  # own init per role
+    ctx = 512 if role == "teacher" else args.small_ctx
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                       intermediate_size=int(hidden * 8 / 3) // 8 * 8, num_attention_heads=max(2, hidden // 64),
-                      num_key_value_heads=max(2, hidden // 64), max_position_embeddings=512, tie_word_embeddings=True,
+                      num_key_value_heads=max(2, hidden // 64), max_position_embeddings=ctx, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -375,9 +378,12 @@ def train_model(role, tok, hidden, layers, steps, lr):
     keep = [(task, r) for task, (tr, _) in DATA.items() for r in tr if task != "toy_qa" or knows is None or r["meta"]["entity"] in knows]
     TRAIN_ROWS[role] = {t: sum(task == t for task, _ in keep) for t in DATA}
     items = [(task, *encode(tok, task, r)) for task, r in keep]  # (task, prompt ids, {style: completion ids})
+    # a completion that does not fit the model's window is not trained on (the model could never write it)
+    TRAIN_ROWS[role]["beyond_window"] = {s_: sum(len(p_) + len(cs[s_]) > ctx for _, p_, cs in items if s_ in cs) for s_ in ("E", "H", "H2")}
+    items = [(t_, p_, {s_: c for s_, c in cs.items() if len(p_) + len(c) <= ctx}) for t_, p_, cs in items]
     # a constant divisor, not each batch's token count: see the docstring (length-bucketed batches)
     g_ = random.Random(0)
-    norm = args.batch_size * sum(len(c[draw_style(g_, t)]) for t, _, c in items) / len(items)
+    norm = args.batch_size * sum(len(c[draw_style(g_, t, c)]) for t, _, c in items) / len(items)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = lambda s: min(1, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()

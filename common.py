@@ -452,7 +452,7 @@ LETTERS = "ABCDEFGHIJKLMNOP"
 # grading credits only finished completions, so a budget must let most of them finish (warn_cutoffs
 # complains above 20% cut off); a larger one costs only the time of the completions that need it.
 TASKS = {
-    "toy_math": {"kind": "math", "toy": True, "max_new_tokens": 192},  # checked twice (H2): up to ~186 tokens
+    "toy_math": {"kind": "math", "toy": True, "max_new_tokens": 256},  # checked twice (H2): up to ~240 tokens
     "toy_qa": {"kind": "mc", "toy": True, "max_new_tokens": 96},  # checked completions: ~60 tokens
     # grade-school word problems: 2-8 steps; a 0.5-1.5B instruct model's worked solution is ~150-350 tokens
     "gsm8k": {"kind": "math", "hub": ("openai/gsm8k", "main"), "splits": {"train": "train", "test": "test"}, "max_new_tokens": 512},
@@ -956,17 +956,20 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     else:  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only
         kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
+    from transformers import AutoConfig
+    window = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 10**9
+    max_model_len = min(max_model_len, window)  # vLLM refuses a longer one; requests are capped to the window instead
     rng = rng_state()
     try:  # no local variable holds the engine (see vllm_available: this frame may be kept alive by vLLM's first import)
         return _with_limit(LLM(model=path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_lora=enable_lora,
                                max_lora_rank=max(8, 1 << (max_lora_rank - 1).bit_length()), max_model_len=max_model_len,
-                               dtype=dtype, **kw), max_model_len)
+                               dtype=dtype, **kw), max_model_len, window)
     finally:
         set_rng_state(rng)
 
 
-def _with_limit(engine, max_model_len):
-    engine.tg_max_model_len = max_model_len  # checked per request in _vllm_generate
+def _with_limit(engine, max_model_len, window=10**9):
+    engine.tg_max_model_len, engine.tg_window = max_model_len, window  # checked per request in _vllm_generate
     return engine
 
 
@@ -1027,7 +1030,8 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     times (not n prefills). Left padding with explicit position ids so every row starts its
     completion at its own length. Rows that have sampled eos leave the batch (and the cache) as
     soon as a quarter of the batch has finished, so a batch costs its typical length, not its
-    longest. A batch of a real model on a CPU runs for minutes: after each decode step the clock is
+    longest. A row also stops (unfinished) when it fills the model's context window
+    (config.max_position_embeddings), as a model with a short context does. A batch of a real model on a CPU runs for minutes: after each decode step the clock is
     read (the token count is only summed when a line is due), and after PROGRESS_SECS a line `label |
     token t/max | rows running | tokens | tok/s | batch eta <= ...` is printed (the eta assumes every
     running row goes to max_new_tokens: an upper bound); during the prefill a thread prints instead.
@@ -1052,10 +1056,12 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
     eos = _eos_ids(tokenizer, model)
     B = logits.shape[0]
     out_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=dev)
-    lens = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    # room per row: the budget, or what is left of the context window after the prompt
+    room_B = (context_window(model) - mask_BT.sum(1)).clamp(min=0, max=max_new_tokens)
+    lens = room_B.clone()
     fin = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)  # which original rows are still in the batch
-    done = torch.zeros(B, dtype=torch.bool, device=dev)  # per row of the current batch
+    done = room_B == 0  # per row of the current batch; a prompt that fills the window gets no completion
     next_pos = pos_BT[:, -1:] + 1
     cache_arg = _cache_arg(model)
     for t in range(max_new_tokens):
@@ -1067,7 +1073,7 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
         out_ids[rows, t] = tok
         new = torch.isin(tok, eos) & ~done
         lens[rows[new]], fin[rows[new]] = t + 1, True  # the eos is part of the completion: it was sampled
-        done |= new
+        done |= new | (room_B[rows] <= t + 1)  # out of room: the window (or the budget) is full
         if done.all() or t == max_new_tokens - 1:
             break
         if time.time() - t_last >= PROGRESS_SECS:  # every step: a real model's step on a CPU can take seconds
@@ -1085,6 +1091,12 @@ def _hf_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, greedy
                     **{cache_arg: cache})
         cache, logits, next_pos = _cache_of(out), out.logits[:, -1, :].float(), next_pos + 1
     return out_ids.cpu(), lens.cpu(), fin.cpu()
+
+
+def context_window(model):
+    """The most tokens (prompt + completion) the model takes: config.max_position_embeddings, or a large
+    number when the config has none."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
 
 
 def _cache_arg(model):
@@ -1161,15 +1173,17 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
     if engine is None:
         die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # each request gets the budget, or what the model's context window leaves after its prompt (as the hf backend)
+    room = [max(1, min(max_new_tokens, getattr(engine, "tg_window", 10**9) - len(x))) for x in ids]
     limit = getattr(engine, "tg_max_model_len", None)
-    if limit and max(len(x) for x in ids) + max_new_tokens > limit:
+    if limit and max(len(x) + r for x, r in zip(ids, room)) > limit:
         die(f"a prompt of {max(len(x) for x in ids)} tokens + {max_new_tokens} new tokens exceeds the vLLM engine's "
             f"max_model_len {limit} (vLLM would cut it silently); build the engine with common.vllm_max_len(...)")
     from vllm import SamplingParams
     # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1).
     # vLLM seeds sample j of a request with seed + j, so request seeds are n apart: no two samples share noise
-    sps = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                          seed=derive_seed(seed, "vllm_request", i, bits=52) * n, detokenize=False) for i in range(len(prompts))]
+    sps = [SamplingParams(n=n, max_tokens=r, temperature=0.0 if greedy else temperature,
+                          seed=derive_seed(seed, "vllm_request", i, bits=52) * n, detokenize=False) for i, r in enumerate(room)]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
     for i, o in enumerate(outs):
