@@ -86,8 +86,8 @@ p.add_argument("--seed", type=int, default=0, help="prompt choice and sampling s
 args = common.parse_args(p)
 KS = (1, 5, 20, 100, None)  # None = the whole vocabulary ("all")
 KEYS = ["1", "5", "20", "100", "all"]
-if args.n_samples < 1 or args.n_prompts < 1:
-    common.die(f"--n_samples {args.n_samples} --n_prompts {args.n_prompts}: both must be >= 1")
+common.check_flags(args, counts=("n_prompts", "n_samples", "max_new_tokens", "batch_size", "score_batch", "chunk"),
+                   nonneg=("temperature", "forking_frac"))
 if not args.teacher_name:  # ".../<variant>/merged" -> "<variant>", "Qwen/Qwen3-8B" -> "Qwen3-8B"
     parts = os.path.normpath(args.teacher).split(os.sep)
     args.teacher_name = parts[-2] if parts[-1] in ("merged", "model", "adapter") and len(parts) > 1 else parts[-1]
@@ -198,7 +198,7 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
     for ti, task in enumerate(args.tasks):
         t0 = time.time()
         gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature, seed=args.seed * 1000 + 2 * ti + m,
+                                           temperature=args.temperature, seed=common.derive_seed(args.seed, "pilot", task, name),
                                            batch_size=args.batch_size, backend=backend, engine=engine, show=f"sample {name} {task}")
         gen_secs[task] += time.time() - t0
     del engine

@@ -91,8 +91,8 @@ for item in common.csv_list(args.labels):
         common.die(f"--labels entry '{item}': expected name=Method or name=Base:Method with name one of {', '.join(models)}")
     base, _, method = lab.rpartition(":")
     labels[name] = (base, method)
-if args.k < 1 or args.n_prompts < 1:
-    common.die(f"--k {args.k} / --n_prompts {args.n_prompts}: both must be >= 1")
+common.check_flags(args, counts=("n_prompts", "k", "max_new_tokens", "batch_size", "rm_batch", "rm_max_len", "n_boot"),
+                   nonneg=("temperature", "threads"))
 open_tasks = [t for t in args.tasks if common.task_kind(t) == "open"]
 if open_tasks and not args.reward_model:
     common.die(f"tasks {', '.join(open_tasks)} are open-ended and need --reward_model (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B)")

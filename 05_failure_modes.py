@@ -70,6 +70,8 @@ p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: tor
 p.add_argument("--seed", type=int, default=0, help="teacher and judge sampling")
 p.add_argument("--out_dir", required=True, help="where everything is written")
 args = common.parse_args(p)
+common.check_flags(args, counts=("n_continue", "max_new_tokens", "min_repeats", "n_examples", "batch_size"),
+                   nonneg=("max_prefix", "temperature", "threads"))
 
 names = list(dict.fromkeys([args.base] + args.misled + args.models))
 common.write_config(args.out_dir, args)

@@ -497,6 +497,24 @@ def load_model(name_or_path, device="auto", dtype=None, trainable=False):
     return model
 
 
+def char_tokenizer(extra=""):
+    """A character-level fast tokenizer (vocab ~85) with a chat template, made here with no file or hub:
+    the tests' and bench.py's tokenizer. `extra` adds characters: a different vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!()#+-*/=\n'")
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials + chars + list(extra))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
+
+
 def model_stamp(name_or_path):
     """What identifies a model's weights for caches of its samples: a local folder's weight files
     by name, size and modification time (a model retrained at the same path gets a new stamp);
