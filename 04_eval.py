@@ -133,10 +133,16 @@ def reusable(name, task):
     if args.redo or not os.path.exists(path):
         return None
     meta = path[:-len(".jsonl")] + ".meta.json"
-    if not os.path.exists(meta) or json.load(open(meta)) != sample_meta(name, task):
+    try:  # a damaged cache (a kill can cut neither file, but a user can) is resampled, never trusted
+        with open(meta) if os.path.exists(meta) else contextlib.nullcontext() as f:
+            same = f is not None and json.load(f) == sample_meta(name, task)
+        s = common.read_jsonl(path) if same else None
+    except (ValueError, OSError):
+        print(f"note: {path} or its .meta.json does not parse; resampling")
+        return None
+    if not same:
         print(f"note: {path} was made by other weights or settings; resampling")
         return None
-    s = common.read_jsonl(path)
     qs = [common.format_question(task, r) for r in rows[task]]
     if len(s) != len(qs) * args.k or any(x["i"] >= len(qs) or x.get("question") != qs[x["i"]] for x in s):
         print(f"note: {path} was made with other prompts or another k; resampling")
