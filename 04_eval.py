@@ -134,8 +134,10 @@ def reusable(name, task):
         return None
     meta = path[:-len(".jsonl")] + ".meta.json"
     try:  # a damaged cache (a kill can cut neither file, but a user can) is resampled, never trusted
-        with open(meta) if os.path.exists(meta) else contextlib.nullcontext() as f:
-            same = f is not None and json.load(f) == sample_meta(name, task)
+        same = False
+        if os.path.exists(meta):
+            with open(meta) as f:
+                same = json.load(f) == sample_meta(name, task)
         s = common.read_jsonl(path) if same else None
     except (ValueError, OSError):
         print(f"note: {path} or its .meta.json does not parse; resampling")
