@@ -16,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -325,12 +326,25 @@ def load_checkpoint(path, map_location="cpu"):
     or None when there is no checkpoint. The caller loads weights into its model (load_state_dict(...,
     strict=False) for a subset, set_peft_model_state_dict for an adapter) and the optimizer state into
     its optimizer, then set_rng_state(meta["rng"])."""
-    f = checkpoint_file(path)
-    if f is None:
-        return None
-    ck = torch.load(f, map_location=map_location, weights_only=False)  # our own file: numpy RNG state inside
-    ck["file"] = f
-    return ck
+    damaged = []
+    for d in (path, path + ".old"):
+        f = os.path.join(d, "state.pt")
+        if not os.path.exists(f):
+            continue
+        try:
+            ck = torch.load(f, map_location=map_location, weights_only=False)  # our own file: numpy RNG state inside
+        except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:  # cut or edited by hand
+            damaged.append(f"{f} ({type(e).__name__})")
+            continue
+        if "meta" not in ck:  # 02's and 03's own formats, from before these functions (and derive_seed's data order)
+            die(f"{f} was written by an older version of this code, whose data order and sampling seeds differ; delete "
+                f"{path} to start this run over, or use another --out_dir")
+        ck["file"] = f
+        return ck
+    if damaged:
+        die(f"the checkpoint {' and '.join(damaged)} does not load (a damaged file); delete {path} to start this run "
+            "over, or use another --out_dir")
+    return None
 
 
 def in_band(x, history, factor=10.0):
@@ -459,6 +473,25 @@ def _not_found(name_or_path, err):
     return (f"model '{name_or_path}' is not a local folder and could not be fetched from the hub"
             f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ' (offline machine or wrong id?)'}; "
             f"pass a local folder, e.g. runs/toy/00_toy_world/teacher, or download it first with `hf download {name_or_path}`")
+
+
+def model_missing(name_or_path):
+    """Why `name_or_path` cannot be loaded, found without loading it (run_all.sh checks its models before any
+    stage runs), or None: a local folder that does not exist or has no config.json; a hub id (org/name) that
+    is not in the local Hugging Face cache while HF_HUB_OFFLINE=1. Online, a hub id is left to the download."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            return None
+        return f"'{name_or_path}' has no config.json, so it is not a Hugging Face model folder"
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.exists(path):
+        return f"no such model folder '{name_or_path}'; pass a Hugging Face model folder or a hub id such as Qwen/Qwen3-0.6B"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return (f"model '{name_or_path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                    f"download it first (`hf download {name_or_path}`) or pass a local folder")
+    return None
 
 
 def _quiet_transformers():
