@@ -85,6 +85,25 @@ for v in TEACHER STUDENT TARGET TASKS EVAL_TASKS DATA; do
 done
 echo "models: teacher $TEACHER | student $STUDENT | target $TARGET | tasks $TASKS | eval tasks $EVAL_TASKS | data ${DATA[1]:-(hub)}"
 
+# models, tasks and data that cannot work are refused before any stage runs (the toy world's own models are
+# made by stage 00); one line each, from common.py's own checks; nothing is written before they pass
+CHECK=()
+for m in "$TEACHER" "$STUDENT" "$TARGET"; do [ "$PRESET" = toy ] && [[ "$m" == "$R/00_toy_world/"* ]] || CHECK+=("$m"); done
+$PY - "$TASKS,$EVAL_TASKS" "$ENV_DATA" "${CHECK[@]}" <<'EOF' || exit 2
+import sys
+import common
+common.cli_errors()
+tasks, data, models = sys.argv[1], sys.argv[2], sys.argv[3:]
+for t in common.csv_list(tasks):
+    common.task_kind(t)  # unknown task: one line naming the known ones
+if data and not __import__("os").path.exists(data):
+    common.die(f"DATA={data}: no such file or folder")
+for m in models:
+    why = common.model_missing(m)
+    if why:
+        common.die(f"{why} (check TEACHER/STUDENT/TARGET or the preset)")
+EOF
+
 # ----------------------------------------------------------------------------- the run folder: lock, settings
 mkdir -p "$R"
 # one run_all.sh per run folder: a second one would run every stage into the same files. flock holds the
@@ -102,25 +121,6 @@ if [ -f "$R/settings" ] && [ "$(cat "$R/settings")" != "$SETTINGS" ] && [ "$FORC
   echo "error: $R was made with $(cat "$R/settings"), not $SETTINGS; pass another RUN=name (or FORCE=1 to redo every stage)" >&2
   exit 2
 fi
-
-# models, tasks and data that cannot work are refused before any stage runs (the toy world's own models are
-# made by stage 00); one line each, from common.py's own checks
-CHECK=()
-for m in "$TEACHER" "$STUDENT" "$TARGET"; do [ "$PRESET" = toy ] && [[ "$m" == "$R/00_toy_world/"* ]] || CHECK+=("$m"); done
-$PY - "$TASKS,$EVAL_TASKS" "${DATA[1]:-}" "${CHECK[@]}" <<'EOF' || exit 2
-import sys
-import common
-common.cli_errors()
-tasks, data, models = sys.argv[1], sys.argv[2], sys.argv[3:]
-for t in common.csv_list(tasks):
-    common.task_kind(t)  # unknown task: one line naming the known ones
-if data and not __import__("os").path.exists(data):
-    common.die(f"DATA={data}: no such file or folder")
-for m in models:
-    why = common.model_missing(m)
-    if why:
-        common.die(f"{why} (check TEACHER/STUDENT/TARGET or the preset)")
-EOF
 echo "$SETTINGS" > "$R/settings"
 
 # outputs_problem PATH...: the first declared output that is missing or does not parse (JSON, JSONL lines, HF
