@@ -17,7 +17,8 @@ import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # third-party deprecation chatter would make stderr more than the one line under test
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+       "PYTHON": sys.executable}  # run_all.sh's stages run with this interpreter
 SMALL02 = ["--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--n_eval", "2", "--max_new_tokens", "8", "--tasks", "toy_math"]
 SMALL03 = ["--steps", "2", "--batch_size", "4", "--n_prompts", "4", "--n_eval", "2", "--max_new_tokens", "8", "--tasks", "toy_math"]
 
@@ -305,13 +306,16 @@ def test_run_all_refuses_a_model_task_or_stage_that_cannot_work_before_any_stage
         shutil.rmtree(os.path.join(ROOT, "runs", name), ignore_errors=True)
 
 
-def test_run_all_takes_models_and_tasks_from_the_environment():
-    """PRESET=custom (or any preset) with TEACHER/STUDENT/TARGET/TASKS: the resolved models are echoed first."""
-    r = run("bash", "run_all.sh", env={"PRESET": "custom", "TEACHER": "/m/teacher", "STUDENT": "/m/student", "TARGET": "/m/target",
-                                       "TASKS": "toy_math", "RUN": f"_pytest_env_{os.getpid()}"})
+@pytest.mark.parametrize("preset", ["custom", "toy"])
+def test_run_all_takes_models_and_tasks_from_the_environment(preset):
+    """PRESET=custom, or any preset, with TEACHER/STUDENT/TARGET/TASKS/EVAL_TASKS/DATA: the resolved models are
+    echoed first (then refused here: the folders do not exist)."""
+    env = {"PRESET": preset, "TEACHER": "/m/teacher", "STUDENT": "/m/student", "TARGET": "/m/target", "TASKS": "toy_math",
+           "EVAL_TASKS": "toy_qa", "DATA": "/d", "RUN": f"_pytest_env_{os.getpid()}"}
+    r = run("bash", "run_all.sh", env=env)
     assert r.stdout.splitlines()[0] == ("models: teacher /m/teacher | student /m/student | target /m/target | tasks toy_math | "
-                                        "eval tasks toy_math | data (hub)"), r.stdout
-    one_error_line(r)  # /m/teacher does not exist
+                                        "eval tasks toy_qa | data /d"), r.stdout
+    one_error_line(r)
 
 
 def test_report_refuses_a_run_folder_that_does_not_exist():
