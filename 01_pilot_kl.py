@@ -346,9 +346,7 @@ if tails:
     axes[0][0].legend(fontsize=7)
 fig.suptitle(f"Tail noise: {args.teacher_name} vs {rows[0]['student']}", fontsize=9)
 fig.tight_layout()
-tmp = os.path.join(args.out_dir, f"tail_noise.tmp{os.getpid()}.png")
-fig.savefig(tmp, dpi=110)
-os.replace(tmp, os.path.join(args.out_dir, "tail_noise.png"))
+common.atomic_write_file(os.path.join(args.out_dir, "tail_noise.png"), lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
 common.atomic_write_json(os.path.join(args.out_dir, "table1.json"), rows)  # last: run_all.sh's "stage done" file
 print("\n".join(md))
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {args.out_dir}")

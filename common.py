@@ -136,21 +136,32 @@ def csv_list(s):
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def atomic_write_text(path, text):
-    """Write to a temp file next to `path`, then rename: a killed run never leaves half a file, and a
-    failed write (disk full) leaves the previous file as it was and raises an OSError naming `path`."""
+def atomic_write_file(path, write, suffix=""):
+    """write(tmp) writes a temp file next to `path` (suffix: the extension a writer such as savefig reads the
+    format from), which then replaces `path`: a killed run never leaves half a file, and a failed write (disk
+    full) removes the temp file, leaves the previous `path` as it was and raises an OSError naming `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        oe = os_error_of(e, path)
+        if oe is None:
+            raise
+        raise oe from e
+
+
+def atomic_write_text(path, text):
+    """Write text atomically (atomic_write_file), synced to disk before the rename."""
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise os_error_of(e, path) from e
+    atomic_write_file(path, write)
 
 
 def atomic_write_json(path, obj):

@@ -233,7 +233,7 @@ if knob:
         ax.set(title=t, xlabel="lam", ylabel="accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(R, "knob_sweep.png"), dpi=120)
+    common.atomic_write_file(os.path.join(R, "knob_sweep.png"), lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     out += ["", "![knob sweep](knob_sweep.png)", ""]
 
 guard = load("extras/guard/table2.json")
