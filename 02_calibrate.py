@@ -31,8 +31,10 @@ KL change is length (the sequence KL sums over tokens); --cal_length_norm uses p
 
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
---teacher by 01/03/04), ckpt/ (adapter, optimizer, step, RNG, data cursor; a rerun with the same
-out_dir and settings resumes from it, other settings are refused), summary.json (lam, greedy held-out
+--teacher by 01/03/04), ckpt/ (common.save_checkpoint: adapter, optimizer, step, RNG, data cursor;
+a step's adapter is kept only once the next step's loss and grad norm are finite and in band, so a
+diverged run stops naming a good checkpoint; a rerun with the same out_dir and settings resumes from
+it, a new --lr included, other settings are refused), summary.json (lam, greedy held-out
 accuracy per task and the on-policy sequence KL(theta||target) of the original and the calibrated
 teacher, both measured with the adapter unmerged; merge_lost_share: how much of the LoRA's weight
 change the merge into the teacher's dtype rounds away, 0 in fp32, with a warning above 10%: a bf16

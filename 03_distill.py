@@ -18,9 +18,11 @@ labels), fp32, chunked over positions so both models' (B, L, V) logits never exi
 
 Writes out_dir/config.json (first), teacher_samples.json (cached and reused on resume; point sft and
 fkl runs at one file with --samples_file so the teacher samples once), metrics.jsonl
-(one row per step: step, loss, kl, len, acc every eval_every, seconds, eta), ckpt/state.pt
-(trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; atomic, resumed
-automatically by a rerun with the same settings, other settings are refused), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
+(one row per step: step, loss, kl, len, acc every eval_every, seconds, eta, in_band), ckpt/
+(common.save_checkpoint: trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; a
+step's weights are kept only once the next step's loss and grad norm are finite and in band, so a
+diverged run stops naming a good checkpoint; resumed by a rerun with the same settings, a new --lr
+included, other settings are refused), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
 summary.json (greedy held-out accuracy per task before and after, wall time).
 Expected on the toy world (defaults: 60 steps x 32 sequences, lr 1e-3, 64 train prompts per task;
 seed 0, 2 CPU cores to itself, measured 2026-11-23), greedy held-out accuracy toy_math / toy_qa of
