@@ -478,6 +478,10 @@ def default_dtype(device):
 def _not_found(name_or_path, err):
     if name_or_path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         return f"no such folder '{name_or_path}'; pass a Hugging Face model folder (e.g. runs/toy/00_toy_world/teacher) or a hub id"
+    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "config.json")) and \
+            not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name_or_path)):
+        return (f"'{name_or_path}' has a config.json but no weights file: it was written incompletely or a file was deleted; "
+                "remake it with the stage that wrote it (run_all.sh redoes a stage whose outputs are incomplete)")
     if os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")):
         return f"cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); is it a Hugging Face folder with config.json?"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
@@ -492,9 +496,11 @@ def model_missing(name_or_path):
     is not in the local Hugging Face cache while HF_HUB_OFFLINE=1. Online, a hub id is left to the download."""
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "config.json")):
-            return None
-        return f"'{name_or_path}' has no config.json, so it is not a Hugging Face model folder"
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return f"'{name_or_path}' has no config.json, so it is not a Hugging Face model folder"
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+            return _not_found(path, None)  # config but no weights: names the fix
+        return None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.exists(path):
         return f"no such model folder '{name_or_path}'; pass a Hugging Face model folder or a hub id such as Qwen/Qwen3-0.6B"
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":

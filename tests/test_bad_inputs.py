@@ -347,6 +347,15 @@ def test_a_corrupt_finished_stage_is_redone_and_report_names_it(smoke_run):
     assert tree(path, skip=("02_calibrate/distillable", "times.tsv", "REPORT.md", ".lock")) == others
 
 
+def test_a_model_folder_without_weights_is_one_line_naming_the_fix(world, tmp_path):
+    """A later stage pointed at a teacher whose weights file was deleted: one line saying so and how to remake it."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world / "teacher", teacher)
+    os.remove(teacher / "model.safetensors")
+    line = one_error_line(stage("03_distill.py", *models03(world), "--teacher", teacher, "--out_dir", tmp_path / "o", *SMALL03))
+    assert str(teacher) in line and "no weights file" in line and "run_all.sh redoes" in line, line
+
+
 def test_a_deleted_model_file_makes_run_all_redo_stage_00(smoke_run):
     name, path = smoke_run
     w = os.path.join(path, "00_toy_world", "teacher", "model.safetensors")

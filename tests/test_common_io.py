@@ -503,6 +503,8 @@ def test_model_missing_names_what_cannot_load(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     assert "has no config.json" in C.model_missing(str(tmp_path / "m"))
     (tmp_path / "m" / "config.json").write_text("{}")
+    assert "no weights file" in C.model_missing(str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_text("")
     assert C.model_missing(str(tmp_path / "m")) is None
     assert "no such model folder" in C.model_missing(str(tmp_path / "nope"))
     assert "no such model folder" in C.model_missing("runs/nope/00_toy_world/teacher")
