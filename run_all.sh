@@ -91,7 +91,12 @@ CHECK=()
 for m in "$TEACHER" "$STUDENT" "$TARGET"; do [ "$PRESET" = toy ] && [[ "$m" == "$R/00_toy_world/"* ]] || CHECK+=("$m"); done
 $PY - "$TASKS,$EVAL_TASKS" "$ENV_DATA" "${CHECK[@]}" <<'EOF' || exit 2
 import sys
-import common
+try:
+    import common
+except ImportError as e:
+    print(f"error: {sys.executable} cannot import {e.name}; activate the environment made from requirements.txt "
+          "(. .venv/bin/activate) or pass PYTHON=/path/to/its/python", file=sys.stderr)
+    sys.exit(2)
 common.cli_errors()
 tasks, data, models = sys.argv[1], sys.argv[2], sys.argv[3:]
 for t in common.csv_list(tasks):
