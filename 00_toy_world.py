@@ -269,8 +269,7 @@ ENTS, qa_train, qa_test = make_qa(rng)
 DATA = {"toy_math": (math_train, math_test), "toy_qa": (qa_train, qa_test)}
 # teacher-only knowledge: the student knows the facts of one half of the countries, the target of another draw
 n_known = max(1, round(args.known_share * len(ENTS)))
-KNOWS = {"student": set(random.Random(args.seed + 1).sample(ENTS, n_known)),
-         "target": set(random.Random(args.seed + 2).sample(ENTS, n_known))}
+KNOWS = {r: set(random.Random(common.derive_seed(args.seed, "knows", r)).sample(ENTS, n_known)) for r in ("student", "target")}
 KNOWS["target_x"] = KNOWS["target"]
 for task, (tr, te) in DATA.items():
     d = os.path.join(args.out_dir, "data", task)

@@ -91,8 +91,8 @@ p.add_argument("--seed", type=int, default=0, help="prompt choice and sampling s
 args = common.parse_args(p)
 KS = (1, 5, 20, 100, None)  # None = the whole vocabulary ("all")
 KEYS = ["1", "5", "20", "100", "all"]
-if args.n_samples < 1 or args.n_prompts < 1:
-    common.die(f"--n_samples {args.n_samples} --n_prompts {args.n_prompts}: both must be >= 1")
+common.check_flags(args, counts=("n_prompts", "n_samples", "max_new_tokens", "batch_size", "score_batch", "chunk"),
+                   nonneg=("temperature", "forking_frac"))
 if not args.teacher_name:  # ".../<variant>/merged" -> "<variant>", "Qwen/Qwen3-8B" -> "Qwen3-8B"
     parts = os.path.normpath(args.teacher).split(os.sep)
     args.teacher_name = parts[-2] if parts[-1] in ("merged", "model", "adapter") and len(parts) > 1 else parts[-1]
@@ -210,7 +210,7 @@ for m, (name, model, tok, path) in enumerate((("student", student, tok_s, args.s
     for ti, task in enumerate(args.tasks):
         t0 = time.time()
         gens[task, name] = common.generate(model, tok, prompts[task, name[0]], n=args.n_samples, max_new_tokens=budget[task],
-                                           temperature=args.temperature, seed=args.seed * 1000 + 2 * ti + m,
+                                           temperature=args.temperature, seed=common.derive_seed(args.seed, "pilot", task, name),
                                            batch_size=args.batch_size, backend=backend, engine=engine, show=f"sample {name} {task}")
         gen_secs[task] += time.time() - t0
     del engine
@@ -364,9 +364,7 @@ if tails:
     axes[0][0].legend(fontsize=7)
 fig.suptitle(f"Tail noise: {args.teacher_name} vs {rows[0]['student']}", fontsize=9)
 fig.tight_layout()
-tmp = os.path.join(args.out_dir, f"tail_noise.tmp{os.getpid()}.png")
-fig.savefig(tmp, dpi=110)
-os.replace(tmp, os.path.join(args.out_dir, "tail_noise.png"))
+common.atomic_write_file(os.path.join(args.out_dir, "tail_noise.png"), lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
 common.atomic_write_json(os.path.join(args.out_dir, "table1.json"), rows)  # last: run_all.sh's "stage done" file
 print("\n".join(md))
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {args.out_dir}")

@@ -31,8 +31,10 @@ KL change is length (the sequence KL sums over tokens); --cal_length_norm uses p
 
 Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
 adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
---teacher by 01/03/04), ckpt/ (adapter, optimizer, step, RNG, data cursor; a rerun with the same
-out_dir and settings resumes from it, other settings are refused), summary.json (lam, greedy held-out
+--teacher by 01/03/04), ckpt/ (common.save_checkpoint: adapter, optimizer, step, RNG, data cursor;
+a step's adapter is kept only once the next step's loss and grad norm are finite and in band, so a
+diverged run stops naming a good checkpoint; a rerun with the same out_dir and settings resumes from
+it, a new --lr included, other settings are refused), summary.json (lam, greedy held-out
 accuracy per task and the on-policy sequence KL(theta||target) of the original and the calibrated
 teacher, both measured with the adapter unmerged; merge_lost_share: how much of the LoRA's weight
 change the merge into the teacher's dtype rounds away, 0 in fp32, with a warning above 10%: a bf16
@@ -115,8 +117,13 @@ if isinstance(args.lora_targets, str):
     args.lora_targets = common.csv_list(args.lora_targets)
 args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
 budget = args.max_new_tokens_per_task
-if any(os.path.exists(os.path.join(args.out_dir, d, "state.pt")) for d in ("ckpt", "ckpt.old")):
-    common.check_resume(args.out_dir, args)  # a resume must be the same run
+common.check_flags(args, counts=("group_size", "prompts_per_step", "max_new_tokens", "steps", "lora_r", "lora_alpha", "n_eval",
+                                 "save_every", "chunk"),
+                   nonneg=("beta", "grad_clip", "micro_batch", "eval_every", "sample_every", "stop_after", "threads"),
+                   positive=("lr",), finite=("lam",))
+ckpt_dir = os.path.join(args.out_dir, "ckpt")
+if common.checkpoint_file(ckpt_dir):
+    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr is allowed)
 common.write_config(args.out_dir, args)
 
 # -----------------------------------------------------------------------------
@@ -167,7 +174,7 @@ def next_prompts(cursor, n):
     out = []
     for c in range(cursor, cursor + n):
         epoch, i = divmod(c, len(pool))
-        perm = np.random.RandomState(args.seed + epoch).permutation(len(pool))  # cheap at toy/real sizes
+        perm = np.random.default_rng(common.derive_seed(args.seed, "prompt_order", epoch)).permutation(len(pool))  # cheap at toy/real sizes
         out.append(pool[perm[i]])
     return out
 
@@ -228,10 +235,10 @@ def evaluate(step, tag, use_lora=True):
     kls = []
     for t, rs in held.items():
         rows = [(t, r) for r in rs]
-        _, gs = rollouts(rows, 1, seed=10**6, greedy=True, step=step, use_lora=use_lora)
+        _, gs = rollouts(rows, 1, seed=common.derive_seed(args.seed, "eval_greedy"), greedy=True, step=step, use_lora=use_lora)
         res[f"acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(gs, rows)]))
         common.warn_cutoffs(f"eval ({tag}) {t}", float(np.mean([s["finished"] for s in gs])), budget[t])
-        prompts, ss = rollouts(rows, 1, seed=10**6 + 1, greedy=False, step=step, use_lora=use_lora)
+        prompts, ss = rollouts(rows, 1, seed=common.derive_seed(args.seed, "eval_sample"), greedy=False, step=step, use_lora=use_lora)
         res[f"sampled_acc_{t}"] = float(np.mean([common.grade(t, s["text"], r, s["finished"]) for s, (_, r) in zip(ss, rows)]))
         res[f"checked_{t}"] = float(np.mean([common.opens_with_check(s["text"]) for s in ss]))
         res[f"len_{t}"] = float(np.mean([len(s["ids"]) for s in ss]))
@@ -248,30 +255,32 @@ def evaluate(step, tag, use_lora=True):
     return res
 
 
-def save_ckpt(step, cursor):
-    """ckpt/: adapter weights, optimizer, step, RNG, data cursor. Written to ckpt.tmp, then swapped
-    in (common.atomic_save_dir), so a kill leaves either the old or the new checkpoint whole."""
-    state = {"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(), "step": step,
-             "cursor": cursor, "rng": common.rng_state()}
-    common.atomic_save_dir(os.path.join(args.out_dir, "ckpt"), lambda d: torch.save(state, os.path.join(d, "state.pt")))
+def save_ckpt(meta):
+    """ckpt/: the adapter's weights, optimizer and meta (step, RNG, data cursor, band history) as they were
+    at the start of step meta["step"] + 1 (common.save_checkpoint: atomic, the previous checkpoint kept
+    until this one is whole)."""
+    common.save_checkpoint(ckpt_dir, get_peft_model_state_dict(model), opt.state_dict(), meta)
 
 
 # -----------------------------------------------------------------------------
 # resume or start
-step, cursor = 0, 0
+step, cursor, rng = 0, 0, None
+band = {}  # recent good losses and grad norms (common.band_check): which weights are safe to checkpoint
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-ck = next((os.path.join(args.out_dir, d) for d in ("ckpt", "ckpt.old") if os.path.exists(os.path.join(args.out_dir, d, "state.pt"))), None)
+ck = common.load_checkpoint(ckpt_dir)
 if ck:
-    st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
-    set_peft_model_state_dict(model, st["adapter"])
-    opt.load_state_dict(st["optimizer"])
-    common.set_rng_state(st["rng"])
-    step, cursor = st["step"], st["cursor"]
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in ck["weights"].items()})
+    opt.load_state_dict(ck["optimizer"])
+    lr0 = opt.param_groups[0]["lr"]
+    for g in opt.param_groups:  # --lr may differ from the checkpoint's: continuing a diverged run with a smaller step
+        g["lr"] = args.lr
+    step, cursor, band, rng = ck["meta"]["step"], ck["meta"]["cursor"], ck["meta"]["band"], ck["meta"]["rng"]
     # drop metrics lines written after the checkpoint (a kill between save_every steps), so the
     # log has each step exactly once
     if os.path.exists(metrics_path):
         common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path) if m["step"] <= step])
-    print(f"resumed from {ck} at step {step}", flush=True)
+    print(f"resumed from {ck['file']} at step {step}" + (f" with --lr {args.lr} (it trained with {lr0})" if lr0 != args.lr else ""),
+          flush=True)
 elif os.path.exists(metrics_path):
     os.remove(metrics_path)  # a run that died before its first checkpoint starts over
 before_path = os.path.join(args.out_dir, "eval_before.json")
@@ -283,14 +292,20 @@ else:  # the original teacher (LoRA off), once; kept on disk so a resumed run re
 
 # -----------------------------------------------------------------------------
 # loop
-t_start, done_here = time.time(), 0
+# Divergence: a step scores the weights it starts from, so those are checkpointed during the step (after its
+# backward, before its update) and only when its loss and grad norm are in band (common.band_check): ckpt/
+# never holds weights that a step showed to be diverged, and a non-finite step names the last good one.
+t_start, done_here, good_step, bad = time.time(), 0, step, []  # good_step: what ckpt/ holds (0: nothing)
 phase[:] = [None, time.time()]
+if rng is not None:
+    common.set_rng_state(rng)
 while step < args.steps:
     t0 = time.time()
+    meta = {"step": step, "rng": common.rng_state(), "cursor": cursor, "band": {k: list(v) for k, v in band.items()}}
     rows = next_prompts(cursor, P)
     cursor += P
     # each step's rollouts get their own seed derived from (seed, step): reruns and resumes agree
-    prompts, samples = rollouts(rows, G, seed=args.seed * 1_000_003 + step, greedy=False, step=step)
+    prompts, samples = rollouts(rows, G, seed=common.derive_seed(args.seed, "rollouts", step), greedy=False, step=step)
     # strict: a rollout cut off at --max_new_tokens, or with no final-answer marker, earns no task reward
     r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1], s["finished"])) for s in samples])
 
@@ -317,7 +332,7 @@ while step < args.steps:
                else common.calibration_reward(seq_tgt_B, seq_theta_B))
     if not torch.isfinite(r_cal_B).all():
         common.die(f"non-finite calibration reward at step {step + 1} (a model gives a sampled token probability 0: check its "
-                   f"dtype and logits); the last good checkpoint in {args.out_dir}/ckpt is kept")
+                   f"dtype and logits); {ckpt_dir} keeps step {good_step or 'none'}")
     # Algorithm 1's loss (common.calibration_loss) accumulated over the slices: advantages from the whole
     # groups, every part divided by the whole batch's token count, so the summed gradient is exact
     adv_B = common.combine_advantages(r_task_B, r_cal_B.cpu(), args.lam, G).to(device)
@@ -331,10 +346,19 @@ while step < args.steps:
         loss, parts = loss + part.detach(), {"pg": parts["pg"] + pg, "kl": parts["kl"] + kl}
     model.eval()  # rollouts next: HF turns the KV cache off for a model that trains with --grad_ckpt
     gnorm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
+    # the REINFORCE loss is a zero-mean surrogate: its band is set by a few steps' spread, not by step 1 alone
+    bad = common.band_check({"loss": loss.item(), "grad_norm": gnorm.item()}, band, warmup=5)
     if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-        common.die(f"non-finite at step {step + 1}: loss {loss.item()}, grad norm {gnorm.item()}, "
-                   f"pg {parts['pg'].item()}, kl {parts['kl'].item()}, r_cal range [{r_cal_B.min().item()}, {r_cal_B.max().item()}]; "
-                   f"the last good checkpoint in {args.out_dir}/ckpt is kept: lower --lr or raise --beta and rerun")
+        common.diverged(f"non-finite at step {step + 1}: loss {loss.item()}, grad norm {gnorm.item()}, pg {parts['pg'].item()}, "
+                        f"kl {parts['kl'].item()}, r_cal range [{r_cal_B.min().item()}, {r_cal_B.max().item()}] (a larger --beta "
+                        "also holds the teacher closer)", ckpt_dir, good_step, args.lr)
+    if step > good_step and step % args.save_every == 0:  # the weights this step scored, before its update
+        if bad:
+            print(f"step {step + 1}: {', '.join(bad)} out of the band of recent good steps: step {step}'s adapter is not "
+                  f"checkpointed ({ckpt_dir} keeps step {good_step or 'none'})", flush=True)
+        else:
+            save_ckpt(meta)
+            good_step = step
     opt.step()
     step += 1
     done_here += 1
@@ -343,7 +367,7 @@ while step < args.steps:
     eta = (time.time() - t_start) / done_here * (args.steps - step)
     m = {"step": step, "loss": loss.item(), "reward_task": r_task_B.mean().item(), "reward_cal": r_cal_B.mean().item(),
          "kl_anchor": parts["kl"].item(), "accuracy": r_task_B.mean().item(), "len": n_theta_B.mean().item(),
-         "seq_kl_target": (seq_theta_B - seq_tgt_B).mean().item(), "grad_norm": gnorm.item(),
+         "seq_kl_target": (seq_theta_B - seq_tgt_B).mean().item(), "grad_norm": gnorm.item(), "in_band": not bad,
          # the mechanism (paper 6.4-6.5): how often the teacher opens with a self-check, and how many it makes
          "checked_share": float(np.mean([common.opens_with_check(s["text"]) for s in samples])),
          "checks": float(np.mean([common.check_count(s["text"]) for s in samples])),
@@ -357,11 +381,16 @@ while step < args.steps:
         print(f"  sample ({rows[0][0]}, correct={bool(r_task_B[0])}): {s['text'][:300]!r}", flush=True)
     if args.eval_every and step % args.eval_every == 0 and step < args.steps:
         evaluate(step, "calibrated")
-    if step % args.save_every == 0 or step == args.steps:
-        save_ckpt(step, cursor)
+    if step == args.steps and not bad:  # the final adapter (nothing scores it): kept unless this step left the band
+        save_ckpt({"step": step, "rng": common.rng_state(), "cursor": cursor, "band": band})
+        good_step = step
     if args.stop_after and step >= args.stop_after and step < args.steps:
-        print(f"stopping after step {step} (--stop_after); rerun to resume", flush=True)
+        print(f"stopping after step {step} (--stop_after), as if killed; rerun to resume", flush=True)
         sys.exit(0)
+if good_step < args.steps:
+    print(f"warning: the last steps left the band of the good ones (see in_band in metrics.jsonl); adapter/ and merged/ hold "
+          f"the final weights, {ckpt_dir} keeps step {good_step or 'none'}: {common.rerun_command(lr=f'{args.lr / 10:g}')} "
+          "continues from it", flush=True)
 
 # -----------------------------------------------------------------------------
 # outputs: adapter, held-out eval of the calibrated teacher, merged model, summary

@@ -18,9 +18,11 @@ labels), fp32, chunked over positions so both models' (B, L, V) logits never exi
 
 Writes out_dir/config.json (first), teacher_samples.json (cached and reused on resume; point sft and
 fkl runs at one file with --samples_file so the teacher samples once), metrics.jsonl
-(one row per step: step, loss, kl, len, acc every eval_every, seconds, eta), ckpt/state.pt
-(trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; atomic, resumed
-automatically by a rerun with the same settings, other settings are refused), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
+(one row per step: step, loss, kl, len, acc every eval_every, seconds, eta, in_band), ckpt/
+(common.save_checkpoint: trainable weights or LoRA adapter, optimizer, step, RNG, data cursors; a
+step's weights are kept only once the next step's loss and grad norm are finite and in band, so a
+diverged run stops naming a good checkpoint; resumed by a rerun with the same settings, a new --lr
+included, other settings are refused), model/ (plain HF folder with the student's tokenizer, LoRA merged) and
 summary.json (greedy held-out accuracy per task before and after, wall time).
 Expected on the toy world (defaults: 60 steps x 32 sequences, lr 1e-3, 64 train prompts per task;
 seed 0, 2 CPU cores to itself, measured 2026-11-23), greedy held-out accuracy toy_math / toy_qa of
@@ -102,6 +104,9 @@ p.add_argument("--device", default="auto", help="cpu | cuda | auto")
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; 1 on a shared, busy machine)")
 p.add_argument("--seed", type=int, default=0, help="data order, sampling, init")
 args = common.parse_args(p)
+common.check_flags(args, counts=("steps", "batch_size", "max_new_tokens", "n_prompts", "teacher_samples", "n_eval", "save_every", "chunk"),
+                   nonneg=("topk", "micro_batch", "lora", "eval_every", "threads", "grad_clip", "temperature"),
+                   positive=("lr", "vllm_mem"), finite=("beta", "lmbda"))
 if args.lmbda is None:
     args.lmbda = {"sft": 0.0, "fkl": 0.0, "rkl": 1.0, "jsd": 0.5}[args.method]
 if not 0 <= args.lmbda <= 1 or not 0 <= args.beta <= 1:
@@ -120,8 +125,9 @@ if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta ==
     common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
 args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
 budget = args.max_new_tokens_per_task
-if os.path.exists(os.path.join(args.out_dir, "ckpt", "state.pt")):
-    common.check_resume(args.out_dir, args)  # a resume must be the same run
+ckpt_dir = os.path.join(args.out_dir, "ckpt")
+if common.checkpoint_file(ckpt_dir):
+    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr is allowed)
 cfg = common.write_config(args.out_dir, args)
 
 # ----------------------------------------------------------------------------- seed / device / inputs
@@ -131,7 +137,6 @@ if args.threads:  # on an oversubscribed CPU, 2 spinning threads per process ran
 device = common.get_device(args.device)
 backend = common.resolve_backend(args.backend)
 BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": args.beta}.get(args.method)  # None for sft
-ckpt_path = os.path.join(args.out_dir, "ckpt", "state.pt")
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 t_start = time.time()
 
@@ -200,13 +205,14 @@ def teacher_pool():
 
 
 def take(order_name, n_items, k, state):
-    """k indices from an endless stream of seeded per-epoch permutations; the cursor is saved in
+    """k indices from an endless stream of seeded per-epoch permutations; each stream (prompts for
+    on-policy batches, pool samples for off-policy ones) has its own seed, and its cursor is saved in
     checkpoints, so a resumed run sees exactly the batches it would have seen."""
     cur = state[order_name]
     out = []
     while len(out) < k:
         epoch, pos = divmod(cur, n_items)
-        perm = np.random.default_rng([args.seed, epoch, len(order_name)]).permutation(n_items)
+        perm = np.random.default_rng(common.derive_seed(args.seed, order_name, epoch)).permutation(n_items)
         out.append(int(perm[pos]))
         cur += 1
     state[order_name] = cur
@@ -227,14 +233,12 @@ def evaluate():
     return (float(np.mean(vals)) if vals else None), acc
 
 
-def save_ckpt(step, state):
-    """Trainable weights (all of them, or the LoRA adapter), optimizer, step, RNG, cursors; one
-    file written as tmp then renamed, so a kill mid-save keeps the previous checkpoint."""
-    os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+def save_ckpt(meta):
+    """ckpt/: the trainable weights (all of them, or the LoRA adapter), optimizer and meta (step, RNG,
+    cursors, band history) as they were at the start of step meta["step"] + 1 (common.save_checkpoint:
+    atomic, the previous checkpoint kept until this one is whole)."""
     weights = {n: q.detach().cpu() for n, q in student.named_parameters() if q.requires_grad}
-    tmp = ckpt_path + ".tmp"
-    torch.save({"step": step, "weights": weights, "opt": opt.state_dict(), "rng": common.rng_state(), "state": dict(state)}, tmp)
-    os.replace(tmp, ckpt_path)
+    common.save_checkpoint(ckpt_dir, weights, opt.state_dict(), meta)
 
 
 def save_model():
@@ -267,17 +271,23 @@ def token_loss_sum(ids, am, cm):
 
 # ----------------------------------------------------------------------------- resume / setup
 state = {"prompt_cursor": 0, "sample_cursor": 0}
-start = 0
-if os.path.exists(ckpt_path):
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+band = {}  # recent good losses and grad norms (common.band_check): which weights are safe to checkpoint
+start, rng = 0, None
+ck = common.load_checkpoint(ckpt_dir)
+if ck:
     student.load_state_dict({k: v.to(device) for k, v in ck["weights"].items()}, strict=False)
-    opt.load_state_dict(ck["opt"])
-    common.set_rng_state(ck["rng"])
-    state, start = ck["state"], ck["step"]
+    opt.load_state_dict(ck["optimizer"])
+    lr0 = opt.param_groups[0]["lr"]
+    for g in opt.param_groups:  # --lr may differ from the checkpoint's: continuing a diverged run with a smaller step
+        g["lr"] = args.lr
+    meta = ck["meta"]
+    state, start, band, rng = dict(meta["cursor"]), meta["step"], meta["band"], meta["rng"]
     # metrics after the checkpoint belong to a run that was killed: drop them, they will be redone
     rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start] if os.path.exists(metrics_path) else []
     common.write_jsonl(metrics_path, rows)
-    print(f"resumed from {ckpt_path} at step {start}", flush=True)
+    print(f"resumed from {ck['file']} at step {start}" + (f" with --lr {args.lr} (it trained with {lr0})" if lr0 != args.lr else ""),
+          flush=True)
+    del ck
 elif os.path.exists(metrics_path):
     os.remove(metrics_path)
 
@@ -302,25 +312,30 @@ if "acc_before" not in summary:
     print(f"step 0 | acc {'n/a' if acc0 is None else f'{acc0:.3f}'} {per0} | eval {time.time() - t0:.1f}s", flush=True)
 
 # ----------------------------------------------------------------------------- loop
-t_loop, last_saved = time.time(), start
+# Divergence: step s scores the weights of step s - 1, so those weights are checkpointed during step s (after
+# its backward, before its update) and only when its loss and grad norm are in band (common.band_check):
+# ckpt/ never holds weights that a step showed to be diverged, and a non-finite step names it.
+t_loop, good_step, bad = time.time(), start, []  # good_step: what ckpt/ holds (0: nothing)
+if rng is not None:
+    common.set_rng_state(rng)
 # what the loop is doing and since when: a real model's loss and backward on a CPU take minutes (generation prints its own)
 phase = [None, time.time()]
 stop_beat = common.start_heartbeat(  # silent for a phase younger than PROGRESS_SECS (toy steps take under a second)
     lambda: phase[0] and time.time() - phase[1] >= common.PROGRESS_SECS and f"{phase[0]} | {common.fmt_secs(time.time() - phase[1])} so far")
 for step in range(start + 1, args.steps + 1):
     t0 = time.time()
+    meta = {"step": step - 1, "rng": common.rng_state(), "cursor": dict(state), "band": {k: list(v) for k, v in band.items()}}
     # the coin and the sampling seed depend only on (seed, step): a resumed run flips the same coins
-    onpolicy = random.Random(args.seed * 1_000_003 + step).random() < args.lmbda
+    onpolicy = random.Random(common.derive_seed(args.seed, "coin", step)).random() < args.lmbda
     if onpolicy:
         items = [train[i] for i in take("prompt_cursor", len(train), args.batch_size, state)]
         comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
-                                          temperature=args.temperature, seed=args.seed * 1_000_003 + step, backend=backend, engine=engine)
+                                          temperature=args.temperature, seed=common.derive_seed(args.seed, "student_samples", step), backend=backend, engine=engine)
     else:
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
     student.train()
     phase[:] = [f"step {step}/{args.steps}: loss and backward over {len(items)} sequences", time.time()]
-    good = f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved else "no checkpoint was saved yet"
     opt.zero_grad(set_to_none=True)
     # the loss is the mean over the whole batch's completion tokens; with --micro_batch each part
     # contributes its token-loss sum / that count, so accumulating the parts' gradients is exact
@@ -332,19 +347,28 @@ for step in range(start + 1, args.steps + 1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             part = token_loss_sum(ids, am, cm) / n_tok
         if not torch.isfinite(part):
-            common.die(f"non-finite loss {part.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
-                       f"{mean_len:.1f}, lr {args.lr}); {good}; lower --lr, keep --grad_clip on, or check the models")
+            common.diverged(f"non-finite loss {part.item()} at step {step} ({'on' if onpolicy else 'off'}-policy batch, mean length "
+                            f"{mean_len:.1f}, lr {args.lr}{', no --grad_clip' if args.grad_clip <= 0 else ''})", ckpt_dir, good_step, args.lr)
         part.backward()
         loss += part.item()
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    kind = "on" if onpolicy else "off"  # on- and off-policy losses differ in scale: each kind has its own band
+    bad = common.band_check({f"loss_{kind}": loss, f"grad_norm_{kind}": gnorm.item()}, band)
     if not torch.isfinite(gnorm):
-        common.die(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss:.4f}); weights not updated, "
-                   f"{good}; lower --lr or check the models")
+        common.diverged(f"non-finite gradient norm {gnorm.item()} at step {step} (loss {loss:.4f}, lr {args.lr}); weights not updated",
+                        ckpt_dir, good_step, args.lr)
+    if step - 1 > good_step and (step - 1) % args.save_every == 0:  # the weights this step scored, before its update
+        if bad:
+            print(f"step {step}: {', '.join(bad)} out of the band of recent good steps: step {step - 1}'s weights are not "
+                  f"checkpointed ({ckpt_dir} keeps step {good_step or 'none'})", flush=True)
+        else:
+            save_ckpt(meta)
+            good_step = step - 1
     opt.step()
     if engine is not None:
         common.vllm_sync_weights(engine, student)  # with --lora: merged for the push
     row = {"step": step, "loss": loss, "kl": loss if BETA is not None else None, "len": mean_len,
-           "onpolicy": onpolicy, "grad_norm": gnorm.item()}
+           "onpolicy": onpolicy, "grad_norm": gnorm.item(), "in_band": not bad}
     phase[0] = None
     if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
         row["acc"], row["acc_tasks"] = evaluate()
@@ -356,9 +380,13 @@ for step in range(start + 1, args.steps + 1):
     kl_s = f" | kl {row['kl']:.4f}" if row["kl"] is not None else ""
     print(f"step {step}/{args.steps} | loss {row['loss']:.4f}{kl_s} | len {mean_len:.1f} | {'on' if onpolicy else 'off'}"
           f"{acc_s} | {row['seconds']:.2f}s | eta {common.fmt_secs(row['eta'])}", flush=True)
-    if step % args.save_every == 0 or step == args.steps:
-        save_ckpt(step, state)
-        last_saved = step
+    if step == args.steps and not bad:  # the final weights (nothing scores them): kept unless this step left the band
+        save_ckpt({"step": step, "rng": common.rng_state(), "cursor": dict(state), "band": band})
+        good_step = step
+if good_step < args.steps:
+    print(f"warning: the last steps left the band of the good ones (see in_band in metrics.jsonl); model/ holds the final "
+          f"weights, {ckpt_dir} keeps step {good_step or 'none'}: {common.rerun_command(lr=f'{args.lr / 10:g}')} continues from it",
+          flush=True)
 
 stop_beat()
 

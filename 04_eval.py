@@ -95,8 +95,8 @@ for item in common.csv_list(args.labels):
         common.die(f"--labels entry '{item}': expected name=Method or name=Base:Method with name one of {', '.join(models)}")
     base, _, method = lab.rpartition(":")
     labels[name] = (base, method)
-if args.k < 1 or args.n_prompts < 1:
-    common.die(f"--k {args.k} / --n_prompts {args.n_prompts}: both must be >= 1")
+common.check_flags(args, counts=("n_prompts", "k", "max_new_tokens", "batch_size", "rm_batch", "rm_max_len", "n_boot"),
+                   nonneg=("temperature", "threads"))
 open_tasks = [t for t in args.tasks if common.task_kind(t) == "open"]
 if open_tasks and not args.reward_model:
     common.die(f"tasks {', '.join(open_tasks)} are open-ended and need --reward_model (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B)")
@@ -140,10 +140,18 @@ def reusable(name, task):
     if args.redo or not os.path.exists(path):
         return None
     meta = path[:-len(".jsonl")] + ".meta.json"
-    if not os.path.exists(meta) or json.load(open(meta)) != sample_meta(name, task):
+    try:  # a damaged cache (a kill can cut neither file, but a user can) is resampled, never trusted
+        same = False
+        if os.path.exists(meta):
+            with open(meta) as f:
+                same = json.load(f) == sample_meta(name, task)
+        s = common.read_jsonl(path) if same else None
+    except (ValueError, OSError):
+        print(f"note: {path} or its .meta.json does not parse; resampling")
+        return None
+    if not same:
         print(f"note: {path} was made by other weights or settings; resampling")
         return None
-    s = common.read_jsonl(path)
     qs = [common.format_question(task, r) for r in rows[task]]
     if len(s) != len(qs) * args.k or any(x["i"] >= len(qs) or x.get("question") != qs[x["i"]] for x in s):
         print(f"note: {path} was made with other prompts or another k; resampling")

@@ -70,6 +70,8 @@ p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: tor
 p.add_argument("--seed", type=int, default=0, help="teacher and judge sampling")
 p.add_argument("--out_dir", required=True, help="where everything is written")
 args = common.parse_args(p)
+common.check_flags(args, counts=("n_continue", "max_new_tokens", "min_repeats", "n_examples", "batch_size"),
+                   nonneg=("max_prefix", "temperature", "threads"))
 
 names = list(dict.fromkeys([args.base] + args.misled + args.models))
 budget = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}  # max new tokens per task
@@ -317,9 +319,7 @@ ax.set_ylabel("fraction (all prompts)")
 ax.set_title("failure modes per model (paper 6.5)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-tmp = os.path.join(args.out_dir, f"failure_modes.tmp{os.getpid()}.png")
-fig.savefig(tmp, dpi=120)
-os.replace(tmp, os.path.join(args.out_dir, "failure_modes.png"))
+common.atomic_write_file(os.path.join(args.out_dir, "failure_modes.png"), lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
 common.atomic_write_json(os.path.join(args.out_dir, "failure_modes.json"), out)  # last: run_all.sh's "stage done" file
 print("".join(md))
 print(f"done in {common.fmt_secs(time.time() - t_start)} -> {args.out_dir}")

@@ -129,9 +129,7 @@ def load_avg():
 
 def char_tokenizer():
     """The tests' character-level tokenizer (no toy world, no hub needed): 1 character = 1 token."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-    from conftest import char_tokenizer as make
-    return make()
+    return C.char_tokenizer()
 
 
 def toy_setup():

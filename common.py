@@ -16,6 +16,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -58,6 +59,32 @@ _OS_FIX = {errno.EROFS: "the file system is read-only: pass a writable --out_dir
            errno.EEXIST: "a file stands where a folder is needed: move it away or pass another path"}
 
 
+def os_error_of(err, path=None):
+    """The OSError behind a failed write, as an OSError that names `path` when the original names no
+    file; None when `err` is not an OS error. Libraries hide it: torch.save reports a full disk as
+    RuntimeError('[enforce fail at inline_container.cc:...] unexpected pos ...') (the OSError is its
+    __context__ when it wrote through a Python file object, else nothing: then a full file system says
+    so), safetensors (save_pretrained) as SafetensorError('... (os error 28)')."""
+    e = err
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            if e.filename or not path:
+                return e
+            return OSError(e.errno, os.strerror(e.errno), path)
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))), path)
+        e = e.__cause__ or e.__context__
+    if path and isinstance(err, RuntimeError) and "inline_container" in str(err):
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path)
+            if st.f_bavail * st.f_frsize < 2**20:  # torch's writer lost bytes and the disk is full: that is why
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError:
+            pass
+    return None
+
+
 def error_line(err):
     """The one line a stage prints for an exception a user can act on, or None for a bug (which keeps
     its traceback). TG_TRACEBACK=1 shows every traceback."""
@@ -65,6 +92,8 @@ def error_line(err):
         return None
     if isinstance(err, BadInput):
         return f"error: {err}"
+    if not isinstance(err, (OSError, KeyboardInterrupt)):
+        err = os_error_of(err) or err  # a library's wrapper around an OSError (torch.save, safetensors)
     if isinstance(err, OSError) and err.errno in _OS_FIX:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "a file"
         return f"error: {where}: {os.strerror(err.errno)} (errno {errno.errorcode[err.errno]}); {_OS_FIX[err.errno]}"
@@ -108,15 +137,32 @@ def csv_list(s):
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def atomic_write_text(path, text):
-    """Write to a temp file next to `path`, then rename: a killed run never leaves half a file."""
+def atomic_write_file(path, write, suffix=""):
+    """write(tmp) writes a temp file next to `path` (suffix: the extension a writer such as savefig reads the
+    format from), which then replaces `path`: a killed run never leaves half a file, and a failed write (disk
+    full) removes the temp file, leaves the previous `path` as it was and raises an OSError naming `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        oe = os_error_of(e, path)
+        if oe is None:
+            raise
+        raise oe from e
+
+
+def atomic_write_text(path, text):
+    """Write text atomically (atomic_write_file), synced to disk before the rename."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_file(path, write)
 
 
 def atomic_write_json(path, obj):
@@ -141,7 +187,14 @@ def atomic_save_dir(path, write):
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as e:  # e.g. a full disk: free what the half-written copy took, keep the previous one
+        shutil.rmtree(tmp, ignore_errors=True)
+        oe = os_error_of(e, path)
+        if oe is None:
+            raise
+        raise oe from e
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -154,9 +207,12 @@ def write_jsonl(path, rows):
 
 def append_jsonl(path, row):
     """metrics.jsonl: one line per step, flushed so `tail -f` and a crash both see it."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=_json_default) + "\n")
-        f.flush()
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+    except OSError as e:
+        raise os_error_of(e, path) from e
 
 
 def read_jsonl(path):
@@ -207,20 +263,26 @@ def write_config(out_dir, args, name="config.json"):
     return cfg
 
 
+# lr is free so that a run that diverged can continue from its last good checkpoint with a smaller step
 RESUME_FREE = ("out_dir", "steps", "eval_every", "save_every", "stop_after", "threads", "device", "chunk", "micro_batch", "grad_ckpt",
-               "vllm_mem")
+               "vllm_mem", "lr")
 
 
 def check_resume(out_dir, args, free=RESUME_FREE):
     """A rerun into an out_dir that holds a checkpoint resumes it, so it must be the same run: every
-    setting except the `free` ones (length, logging, machine, memory-only switches) must equal the
+    setting except the `free` ones (length, logging, machine, memory-only switches, and the learning
+    rate, which the stage applies to the resumed optimizer) must equal the
     config.json the checkpoint was trained with. Call before write_config, which replaces that file.
     Keys the old config lacks (flags added later) are not compared."""
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        die(f"{path} is not valid JSON (a damaged file), so this checkpoint's settings are unknown; "
+            f"delete {out_dir}/ckpt to start this run over, or use another --out_dir")
     new = json.loads(json.dumps(vars(args), default=_json_default))  # tuples -> lists, as on disk
     diff = [f"--{k} {old[k]} (now {new[k]})" for k in sorted(new) if k in old and k not in free and old[k] != new[k]]
     if diff:
@@ -258,6 +320,147 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one path for 02 and 03
+
+
+def checkpoint_file(path):
+    """The state file of the newest complete checkpoint in folder `path` (out_dir/ckpt), or None. A kill
+    between atomic_save_dir's two renames leaves the previous checkpoint as path.old: that one then."""
+    for d in (path, path + ".old"):
+        if os.path.exists(os.path.join(d, "state.pt")):
+            return os.path.join(d, "state.pt")
+    return None
+
+
+def save_checkpoint(path, weights, optimizer, meta):
+    """A resumable training state in the folder `path` (out_dir/ckpt), as plain tensors and dicts:
+    weights   {name: tensor}, the trainable parameters or a LoRA adapter's state dict (CPU or device);
+    optimizer optimizer.state_dict();
+    meta      small things a resume needs: "step" (required), "rng" (rng_state()), data cursors, the
+              divergence band's history.
+    No model object: a multi-rank run gathers the full state dict on rank 0 and only rank 0 calls this.
+    Written into path.tmp and swapped in (atomic_save_dir): the previous checkpoint stays whole until the
+    new one is complete; a failed write (disk full) removes path.tmp and raises an OSError naming `path`.
+    torch.save writes through a Python file so that a full disk surfaces as that OSError."""
+    if "step" not in meta:
+        raise ValueError("save_checkpoint: meta needs a 'step'")
+
+    def write(d):
+        with open(os.path.join(d, "state.pt"), "wb") as f:
+            torch.save({"weights": weights, "optimizer": optimizer, "meta": meta}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_save_dir(path, write)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """What save_checkpoint wrote at `path` (or its .old copy): {"weights", "optimizer", "meta", "file"},
+    or None when there is no checkpoint. The caller loads weights into its model (load_state_dict(...,
+    strict=False) for a subset, set_peft_model_state_dict for an adapter) and the optimizer state into
+    its optimizer, then set_rng_state(meta["rng"])."""
+    damaged = []
+    for d in (path, path + ".old"):
+        f = os.path.join(d, "state.pt")
+        if not os.path.exists(f):
+            continue
+        try:
+            ck = torch.load(f, map_location=map_location, weights_only=False)  # our own file: numpy RNG state inside
+        except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:  # cut or edited by hand
+            damaged.append(f"{f} ({type(e).__name__})")
+            continue
+        if "meta" not in ck:  # 02's and 03's own formats, from before these functions (and derive_seed's data order)
+            die(f"{f} was written by an older version of this code, whose data order and sampling seeds differ; delete "
+                f"{path} to start this run over, or use another --out_dir")
+        ck["file"] = f
+        return ck
+    if damaged:
+        die(f"the checkpoint {' and '.join(damaged)} does not load (a damaged file); delete {path} to start this run "
+            "over, or use another --out_dir")
+    return None
+
+
+def in_band(x, history, factor=10.0):
+    """Is a step's value (loss, gradient norm) finite and within a band of the running values?
+    history: the recent values judged good (empty: any finite x is in band). The band is
+    |x - m| <= factor * (|m| + d), m the median of history and d their median absolute deviation:
+    scale-free, and fine for signed values (02's REINFORCE loss sits around 0). Factor 10 lets a noisy
+    loss wander and keeps falling losses in band, and flags a step that blew the weights up (03 rkl at
+    --lr 10 on the smoke world: loss 0.04, then 4.5 after one update)."""
+    if not math.isfinite(x):
+        return False
+    if not len(history):
+        return True
+    h = np.asarray(history, dtype=np.float64)
+    m = float(np.median(h))
+    scale = abs(m) + float(np.median(np.abs(h - m)))
+    return scale == 0 or abs(x - m) <= factor * scale  # scale 0: all past values exactly 0, nothing to compare with
+
+
+def band_check(values, history, window=20, factor=10.0, warmup=1):
+    """One step's {name: value} against history {name: [recent good values]}: the names out of band
+    ([] for a good step). A good step's values join the history (the last `window` kept); a bad step's
+    do not, so a run that diverged never becomes its own reference. Until a name has `warmup` good
+    values it only needs to be finite: a noisy quantity (02's REINFORCE loss, whose first value may be
+    near 0) needs a few values before its spread means anything. The training loops save a checkpoint
+    only for weights whose next step is good, and keep history in the checkpoint's meta, so a resumed
+    run judges every step as the uninterrupted run did."""
+    bad = [k for k, v in values.items()
+           if not math.isfinite(v) or (len(history.get(k, [])) >= warmup and not in_band(v, history[k], factor))]
+    if not bad:
+        for k, v in values.items():
+            history[k] = (list(history.get(k, [])) + [float(v)])[-window:]
+    return bad
+
+
+def diverged(what, ckpt_dir, good_step, lr):
+    """Stop a training loop whose loss or gradient norm is non-finite (raises BadInput), naming the last
+    good checkpoint and the exact command that continues from it: check_resume lets a rerun change --lr."""
+    cmd = rerun_command(lr=f"{lr / 10:g}")
+    if good_step:
+        die(f"{what}; {ckpt_dir} keeps step {good_step}, the last checkpoint whose weights gave an in-band loss and "
+            f"gradient norm; continue from it with a smaller learning rate (a rerun that changes only --lr resumes it): {cmd}")
+    die(f"{what}; no checkpoint passed the divergence check yet, so nothing is kept to resume; "
+        f"start over with a smaller learning rate: {cmd}")
+
+
+def rerun_command(argv=None, **changes):
+    """The command line of this process with some flags changed: rerun_command(lr=1e-4) ->
+    'python 03_distill.py ... --lr 0.0001', shell-quoted, for error messages that give the exact fix.
+    A changed flag replaces every earlier occurrence (argparse keeps the last)."""
+    import shlex
+    argv = list(sys.argv if argv is None else argv)
+    out, i = ["python", argv[0]], 1
+    while i < len(argv):
+        a = argv[i]
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else None
+        if key in changes:
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    for k, v in changes.items():
+        out += [f"--{k}", str(v)]
+    return " ".join(shlex.quote(x) for x in out)
+
+
+def check_flags(args, counts=(), nonneg=(), positive=(), finite=()):
+    """Refuse impossible flag values before any work is done (and before anything is written):
+    counts at least 1 (steps, batch sizes, prompts), nonneg finite and >= 0 (0 often means "off"),
+    positive finite and > 0 (learning rates), finite (lam, beta). Flags whose value is None are skipped."""
+    for k in counts:
+        v = getattr(args, k)
+        if v is not None and v < 1:
+            die(f"--{k} {v}: must be at least 1")
+    for names, ok, what in ((nonneg, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+                            (positive, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+                            (finite, math.isfinite, "a finite number")):
+        for k in names:
+            v = getattr(args, k)
+            if v is not None and not ok(v):
+                die(f"--{k} {v}: must be {what}")
 
 
 def fmt_secs(s):
@@ -347,12 +550,37 @@ def default_dtype(device):
 def _not_found(name_or_path, err):
     if name_or_path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         return f"no such folder '{name_or_path}'; pass a Hugging Face model folder (e.g. runs/toy/00_toy_world/teacher) or a hub id"
+    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "config.json")) and \
+            not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name_or_path)):
+        return (f"'{name_or_path}' has a config.json but no weights file: it was written incompletely or a file was deleted; "
+                "remake it with the stage that wrote it (run_all.sh redoes a stage whose outputs are incomplete)")
     if os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")):
         return f"cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); is it a Hugging Face folder with config.json?"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     return (f"model '{name_or_path}' is not a local folder and could not be fetched from the hub"
             f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ' (offline machine or wrong id?)'}; "
             f"pass a local folder, e.g. runs/toy/00_toy_world/teacher, or download it first with `hf download {name_or_path}`")
+
+
+def model_missing(name_or_path):
+    """Why `name_or_path` cannot be loaded, found without loading it (run_all.sh checks its models before any
+    stage runs), or None: a local folder that does not exist or has no config.json; a hub id (org/name) that
+    is not in the local Hugging Face cache while HF_HUB_OFFLINE=1. Online, a hub id is left to the download."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return f"'{name_or_path}' has no config.json, so it is not a Hugging Face model folder"
+        if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+            return _not_found(path, None)  # config but no weights: names the fix
+        return None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or os.path.exists(path):
+        return f"no such model folder '{name_or_path}'; pass a Hugging Face model folder or a hub id such as Qwen/Qwen3-0.6B"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return (f"model '{name_or_path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                    f"download it first (`hf download {name_or_path}`) or pass a local folder")
+    return None
 
 
 def _quiet_transformers():
@@ -399,6 +627,24 @@ def enable_grad_ckpt(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def char_tokenizer(extra=""):
+    """A character-level fast tokenizer (vocab ~85) with a chat template, made here with no file or hub:
+    the tests' and bench.py's tokenizer. `extra` adds characters: a different vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!()#+-*/=\n'")
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+    vocab = {t: i for i, t in enumerate(specials + chars + list(extra))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
 
 
 def model_stamp(name_or_path):
@@ -1126,8 +1372,9 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
              batch_size=64, backend="hf", engine=None, lora_request=None, show=None):
     """Sample n completions per prompt. Returns a flat list, prompt-major (prompt i's samples at
     i*n .. i*n+n-1), of {"i": prompt index, "text", "ids": completion token ids (eos included if
-    sampled), "finished": ended with eos}. Seeds: batch b of the hf backend uses seed + b, vLLM uses
-    a per-request seed, so a run is reproducible and different seeds give different samples."""
+    sampled), "finished": ended with eos}. Seeds: batch b of the hf backend uses derive_seed(seed, "hf_batch", b),
+    vLLM a per-request seed derived the same way, so a run is reproducible and different seeds give
+    different samples."""
     if backend == "vllm":
         return _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
     was_training = model.training
@@ -1181,7 +1428,8 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
             f"max_model_len {limit} (vLLM would cut it silently); build the engine with common.vllm_max_len(...)")
     from vllm import SamplingParams
     # temperature 0 is vLLM's greedy; top_k / top_p stay at their "off" defaults (unbiased sampling, paper 4.1).
-    # vLLM seeds sample j of a request with seed + j, so request seeds are n apart: no two samples share noise
+    # vLLM seeds sample j of a request with seed + j, so request seeds are n apart (52 bits times n stays within
+    # the 64 bits a torch generator takes): no two samples share noise
     sps = [SamplingParams(n=n, max_tokens=r, temperature=0.0 if greedy else temperature,
                           seed=derive_seed(seed, "vllm_request", i, bits=52) * n, detokenize=False) for i, r in enumerate(room)]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)

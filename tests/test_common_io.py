@@ -1,4 +1,5 @@
 """Tasks (extraction, grading, loaders, prompts), generation and I/O of common.py, offline."""
+import errno
 import json
 import os
 
@@ -518,3 +519,113 @@ def test_a_broken_vllm_install_stops_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(C.BadInput):
         C.vllm_available()
     sys.modules.pop("vllm", None)
+
+
+# -----------------------------------------------------------------------------
+# seeds, checkpoints, divergence band, flag checks, write errors
+
+
+def test_derive_seed_is_a_stable_hash_of_its_parts_and_separates_streams():
+    import hashlib
+    want = int.from_bytes(hashlib.sha256(b'[0,"rollouts",3]').digest()[:8], "big") >> 1
+    assert C.derive_seed(0, "rollouts", 3) == want  # the same in every process and Python version
+    seeds = {C.derive_seed(s, name, k) for s in (0, 1) for name in ("prompt_cursor", "sample_cursor") for k in range(50)}
+    assert len(seeds) == 200  # 03's two streams (same name length) no longer share a seed
+    assert all(0 <= s < 2**63 for s in seeds) and C.derive_seed(0, "x", bits=52) < 2**52
+
+
+def test_in_band_against_the_median_and_its_spread():
+    h = [0.04, 0.05, 0.03, 0.04]  # median 0.04, MAD 0.005: band 0.04 +- 10 * 0.045
+    assert C.in_band(0.48, h) and not C.in_band(0.5, h)  # |x - m| <= 0.45
+    assert C.in_band(0.0001, h)  # a falling loss is progress, never flagged
+    assert C.in_band(-0.3, [-0.5, 0.2, -0.1])  # signed values: median -0.1, MAD 0.3 -> band -0.1 +- 4
+    assert not C.in_band(float("nan"), h) and not C.in_band(float("inf"), [])
+    assert C.in_band(123.0, []) and C.in_band(5.0, [0.0, 0.0])  # nothing to compare with
+
+
+def test_band_check_keeps_only_good_steps_as_reference_and_waits_for_warmup():
+    hist = {}
+    assert C.band_check({"loss": 0.04, "g": 0.2}, hist) == []
+    assert C.band_check({"loss": 4.5, "g": 23.0}, hist) == ["loss", "g"]  # 03 rkl at --lr 10, step 2
+    assert C.band_check({"loss": 5.2, "g": 0.9}, hist) == ["loss"]  # the diverged values never became the reference
+    assert hist == {"loss": [0.04], "g": [0.2]}
+    h2 = {}
+    assert C.band_check({"loss": -0.01}, h2, warmup=3) == [] and C.band_check({"loss": -0.9}, h2, warmup=3) == []
+    assert C.band_check({"loss": float("nan")}, h2, warmup=3) == ["loss"]  # non-finite fails even in warmup
+    for i in range(30):
+        C.band_check({"loss": float(i)}, h2, window=20, factor=1e9)
+    assert len(h2["loss"]) == 20 and h2["loss"][-1] == 29.0
+
+
+def test_checkpoint_round_trip_keeps_the_previous_one_until_the_new_one_is_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt")
+    w = {"a": torch.arange(4.0)}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]).state_dict()
+    assert C.load_checkpoint(path) is None
+    C.save_checkpoint(path, w, opt, {"step": 1, "cursor": 7})
+    ck = C.load_checkpoint(path)
+    assert ck["meta"] == {"step": 1, "cursor": 7} and torch.equal(ck["weights"]["a"], w["a"]) and ck["optimizer"] == opt
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        real_save(obj, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") from OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        C.save_checkpoint(path, w, opt, {"step": 2})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == path
+    assert C.error_line(e.value).startswith(f"error: {path}: No space left on device (errno ENOSPC)")
+    monkeypatch.undo()
+    assert C.load_checkpoint(path)["meta"]["step"] == 1 and sorted(os.listdir(tmp_path)) == ["ckpt"]  # no ckpt.tmp left
+    os.replace(path, path + ".old")  # a kill between atomic_save_dir's two renames
+    assert C.load_checkpoint(path)["meta"]["step"] == 1
+    with open(os.path.join(path + ".old", "state.pt"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(C.BadInput, match="does not load"):
+        C.load_checkpoint(path)
+    os.makedirs(path)
+    torch.save({"step": 3, "adapter": {}, "optimizer": {}, "cursor": 0, "rng": None}, os.path.join(path, "state.pt"))
+    with pytest.raises(C.BadInput, match="older version"):  # 02's format before save_checkpoint
+        C.load_checkpoint(path)
+
+
+def test_os_error_of_finds_the_errno_behind_library_write_failures():
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    wrapped.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    e = C.os_error_of(wrapped, "/x/ckpt")
+    assert e.errno == errno.ENOSPC and e.filename == "/x/ckpt"
+    e = C.os_error_of(Exception("Error while serializing: I/O error: No space left on device (os error 28)"), "/x/model")
+    assert e.errno == errno.ENOSPC and e.filename == "/x/model"
+    assert C.os_error_of(ValueError("a bug"), "/x") is None
+    line = C.error_line(wrapped)  # an uncaught one still becomes the one line
+    assert line.startswith("error: a file: No space left on device (errno ENOSPC)")
+
+
+def test_rerun_command_changes_only_the_given_flags():
+    argv = ["03_distill.py", "--method", "rkl", "--lr", "10", "--out_dir", "runs/a b", "--lr=5", "--steps", "30"]
+    assert C.rerun_command(argv, lr="1") == "python 03_distill.py --method rkl --out_dir 'runs/a b' --steps 30 --lr 1"
+
+
+def test_check_flags_refuses_counts_below_one_and_non_finite_rates():
+    import argparse
+    ok = argparse.Namespace(steps=1, lr=1e-3, lam=-1.0, temperature=0.0, topk=0)
+    C.check_flags(ok, counts=("steps",), positive=("lr",), finite=("lam",), nonneg=("temperature", "topk"))
+    for bad, kind in ((dict(steps=0), "counts"), (dict(steps=-3), "counts"), (dict(lr=float("nan")), "positive"),
+                      (dict(lr=0.0), "positive"), (dict(lam=float("nan")), "finite"), (dict(temperature=-1.0), "nonneg"),
+                      (dict(temperature=float("inf")), "nonneg")):
+        name = next(iter(bad))
+        with pytest.raises(C.BadInput, match=f"--{name} "):
+            C.check_flags(argparse.Namespace(**{**vars(ok), **bad}), **{kind: (name,)})
+
+
+def test_model_missing_names_what_cannot_load(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    assert "has no config.json" in C.model_missing(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert "no weights file" in C.model_missing(str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_text("")
+    assert C.model_missing(str(tmp_path / "m")) is None
+    assert "no such model folder" in C.model_missing(str(tmp_path / "nope"))
+    assert "no such model folder" in C.model_missing("runs/nope/00_toy_world/teacher")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "not in the local Hugging Face cache" in C.model_missing("nosuchorg/nosuchmodel")
