@@ -142,11 +142,7 @@ def bad_data(tmp_path, case):
     return path
 
 
-LOADER = pytest.mark.skip(reason="loader rows land with the issue-22 branch")
-
-
-@pytest.mark.parametrize("case", [pytest.param("malformed", marks=LOADER), pytest.param("latin1", marks=LOADER),
-                                  pytest.param("no_prompt", marks=LOADER)])
+@pytest.mark.parametrize("case", ["malformed", "latin1", "no_prompt"])
 def test_a_bad_data_file_is_one_line_naming_file_and_line(world, tmp_path, case):
     data = bad_data(tmp_path, case)
     before = data.read_bytes()

@@ -50,7 +50,7 @@ def write_fixture(out, name, path, answers, k=4):
     """A sample file and the meta 04_eval.py would have written with it (default settings, hf backend)."""
     write_jsonl(out / "samples" / f"{name}__toy_math.jsonl", fixture_samples(MATH_ROWS, answers, "toy_math"))
     meta = {"model": path, "stamp": path, "task": "toy_math", "split": "test", "k": k, "temperature": 1.0,
-            "max_new_tokens": 128, "seed": 0, "backend": "hf", "reward_model": None}
+            "max_new_tokens": common.task_budget("toy_math"), "seed": 0, "backend": "hf", "reward_model": None}
     json.dump(meta, open(out / "samples" / f"{name}__toy_math.meta.json", "w"))
 
 

@@ -42,7 +42,7 @@ def test_paired_differences_and_verdicts(tmp_path):
     # 2 of 40 prompts differ: a resample misses both with probability (38/40)^40 = 0.13 > 2.5%, so the interval starts at 0
     assert "vs rkl: paired difference +0.013 [+0.000, " in line and line.endswith("within noise)")
     line = next(x for x in rep.splitlines() if x.startswith("- precondition, toy_math"))
-    assert "yes (rkl)" in line and "+0.250 [+0.250, +0.250]" in line
+    assert "): yes (beyond noise: rkl)" in line and "+0.250 [+0.250, +0.250]" in line
     line = next(x for x in rep.splitlines() if x.startswith("- undistillable teacher keeps"))
     assert "-> yes" in line and "paired difference +0.000 [+0.000, +0.000], within noise" in line
 

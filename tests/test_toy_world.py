@@ -29,7 +29,7 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return run_world(tmp_path_factory.mktemp("tw") / "a")
+    return run_world(tmp_path_factory.mktemp("tw") / "a", 0, "--roles", ",".join(ROLES))  # target_x only on request
 
 
 def recompute(meta):
