@@ -1,26 +1,30 @@
 """
-Offline default world (DESIGN 7): two synthetic tasks, two tokenizers and four tiny Llamas (teacher,
-student, same-family calibration target, cross-tokenizer target) trained from scratch and saved as
+Offline default world (DESIGN 7): two synthetic tasks, two tokenizers and tiny Llamas (teacher, student,
+same-family calibration target; a cross-tokenizer target on request) trained from scratch and saved as
 plain Hugging Face folders, so every later stage treats them exactly like Qwen3 checkpoints.
 
-    python 00_toy_world.py --out_dir runs/toy/00_toy_world            # ~4 min on 2 CPU cores
+    python 00_toy_world.py --out_dir runs/toy/00_toy_world            # ~9 min on 2 CPU cores
     python 00_toy_world.py --out_dir /tmp/tw --smoke                  # ~20 s, for tests
 
 The world gives the paper's mechanism (sections 6.4-6.5, appendix G) room to act:
-- Two valid solution styles per task, chosen by the first token of the completion. Direct (E): one
-  line per step. Checked (H): "Let me check every ..." then an inverse check per step and a recount
-  by another route whose result is the answer (math), or a yes/no per option and a restatement (qa).
-  Both are always correct; H is ~3x longer, and in it a small model's slips compound (a wrong recount
-  flips a right answer). The corpus mixes them 50/50, so the original teacher samples both.
-- Teacher-only knowledge: the student trains for fewer steps and on the toy_qa facts of half the
-  countries; the teacher on everything. Distilling from the teacher can therefore help the student.
-- A same-family target (the student's tokenizer and shape, another seed, another half of the
-  facts) as in the paper (Qwen3-0.6B for Qwen3-1.7B), and a cross-tokenizer target (tokenizer B) so
-  the cross-tokenizer reward keeps running.
-- A gate in summary.json: each model's accuracy with each style forced (the opener is appended to the
-  prompt), free sampling, the share of H and P(H) at the first token, so anyone can check that the
-  world has the property (teacher good at both styles, student good at E and bad at H) before
-  anything is calibrated.
+- Valid solution styles per task, chosen by the first token of the completion. Direct (E): one line per
+  step. Checked (H): "Let me check every ..." then an inverse check per step and a recount by another
+  route whose result is the answer (math), or a yes/no per option and a restatement (qa). Checked twice
+  (H2, toy_math): H, then the checked steps once more. All are correct; H is ~3x longer than E, H2 ~1.5x H,
+  and in them a small model's slips compound. The corpus mixes them (50% checked, 30% of those twice).
+- A short context, as a small model has: the student and the targets take 160 tokens (prompt +
+  completion, --small_ctx), the teacher 512. H2 never fits 160, so the student never trains on it, and a
+  student that imitates a teacher's long checks runs out of room before its final answer (the paper's
+  misled students "fail to commit a final answer within the context window").
+- Teacher-only knowledge: the student trains on the toy_qa facts of half the countries (--known_share),
+  the teacher on all. Distilling from the teacher can therefore help the student.
+- A same-family target (the student's tokenizer and shape, another seed, another half of the facts) as
+  in the paper (Qwen3-0.6B for Qwen3-1.7B); `--roles ...,target_x` adds a cross-tokenizer target
+  (tokenizer B) for run_all.sh's EXTRAS, so the cross-tokenizer reward keeps running.
+- A gate in summary.json: each model's sampled accuracy with each style forced (the opener appended to the
+  prompt), free sampling, the checked share and P(checked) at the first token, so anyone can check that
+  the world has the property (teacher good at both styles, student worse at H) before anything is
+  calibrated.
 
 Tasks (chance: toy_math 0, toy_qa 0.25)
 - toy_math: "Gus has 2 cards. He buys 5, finds 3, sells 4 and gets 1. How many cards does he have now?",
@@ -28,8 +32,8 @@ Tasks (chance: toy_math 0, toy_qa 0.25)
 - toy_qa: 4-way multiple choice over invented facts ("What colour is the flag of Vortania?"), the
   options always in the same order, so the letter is a memorized fact; answer 'The answer is (C)'.
   Test questions ask about every country, including the ones the student never saw.
-Teacher, student and the same-family target share tokenizer A (byte-level BPE, digits split); the
-cross-tokenizer target uses tokenizer B (smaller vocab, digits merged).
+Teacher, student and the same-family target share tokenizer A (byte-level BPE, whole numbers merged);
+the cross-tokenizer target uses tokenizer B (smaller vocab, one digit per token).
 
 Training text is `common.build_prompt(tok, task, row) + completion + eos`, loss on completion tokens
 only, summed and divided by a constant (batch size x the corpus's mean completion length) rather than
@@ -41,8 +45,10 @@ Writes D/config.json (first), D/data/{toy_math,toy_qa}/{train,test}.jsonl (train
 reference completion; meta.style says which style), D/{teacher,student,target,target_x} (model +
 tokenizer), D/summary.json (greedy test accuracy per task as DESIGN 9 asks, and the gate).
 Expected time and numbers: see docs/RESULTS.md (measured on 2 CPU cores, seed 0).
-Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.5M-3M parameter Llamas whose
-only purpose is to make every stage run, and every phenomenon have room to appear, in minutes.
+Departures: the paper's models are Qwen3/Gemma checkpoints; these are 0.5M-2M parameter Llamas whose only
+purpose is to make every stage run, and every phenomenon have room to appear, in minutes. The styles and
+the short context are built in, where a real model's are learned: the toy world shows the paper's
+mechanism when it exists, it cannot show that real models have it.
 """
 import argparse, math, os, random, sys, time
 

@@ -82,7 +82,7 @@ p.add_argument("--choices_field", default=None, help="local --data, multiple cho
 p.add_argument("--out_dir", required=True, help="where everything is written (rerun resumes)")
 # the knob and the objective
 p.add_argument("--lam", type=float, default=1.0, help="calibration weight: +1 distillable, -1 undistillable")
-p.add_argument("--beta", type=float, default=0.2, help="K3 anchor to the original teacher (LoRA off)")
+p.add_argument("--beta", type=float, default=0.5, help="K3 anchor to the original teacher (LoRA off); 0.2 let lam -1 run away on the toy world")
 p.add_argument("--cal_length_norm", action="store_true", help="divide each side of r_cal by its own token count")
 # rollouts
 p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt (the normalization group)")

@@ -77,7 +77,7 @@ p.add_argument("--choices_field", default=None, help="local --data, multiple cho
 p.add_argument("--lmbda", type=float, default=None, help="P(on-policy batch); default sft/fkl 0, rkl 1, jsd 0.5")
 p.add_argument("--beta", type=float, default=0.5, help="jsd only: 0 = forward KL, 1 = reverse KL")
 p.add_argument("--topk", type=int, default=0, help="teacher sees only its top-k logits, renormalized (0 = all)")
-p.add_argument("--steps", type=int, default=60, help="optimizer steps")
+p.add_argument("--steps", type=int, default=100, help="optimizer steps")
 p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
 p.add_argument("--micro_batch", type=int, default=0, help="sequences per forward/backward, gradients accumulated exactly "
                "(0 = the whole batch at once); for real models and long completions")
@@ -85,12 +85,12 @@ p.add_argument("--vllm_mem", type=float, default=0.2, help="GPU share of the col
                "the training state needs the rest: 1.7B fp32 + AdamW + an 8B bf16 teacher is ~46 GB)")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the student's trunk (real models: "
                "activation memory of one layer instead of all)")
-p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
+p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max grad norm (0 = off)")
 p.add_argument("--max_new_tokens", type=int, default=None, help="completion length cap, samples and eval (default: each task's own, common.TASKS)")
 p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student samples")
-p.add_argument("--n_prompts", type=int, default=64, help="train prompts per task")
-p.add_argument("--teacher_samples", type=int, default=4, help="teacher samples per train prompt (off-policy pool)")
+p.add_argument("--n_prompts", type=int, default=512, help="train prompts per task (few prompts are memorized, not distilled)")
+p.add_argument("--teacher_samples", type=int, default=1, help="teacher samples per train prompt (off-policy pool)")
 p.add_argument("--gold", action="store_true", help="sft on the data's reference completions instead of teacher samples "
                "(no teacher: what more of the ground truth would give the student; toy tasks have them)")
 p.add_argument("--samples_file", default="", help="teacher-sample cache to share between runs (default out_dir/teacher_samples.json)")

