@@ -134,7 +134,7 @@ def bad_data(tmp_path, case):
     if case == "malformed":
         rows[6] = "{oops"
     elif case == "no_prompt":
-        rows[6] = json.dumps({"question": "no prompt field here", "answer": "1"})
+        rows[6] = json.dumps({"text": "no prompt field here", "answer": "1"})
     data = ("\n".join(rows) + "\n").encode()
     if case == "latin1":
         data = data.replace(b"Ana has 6 pens", "Ana hés 6 pens".encode("latin-1"))
@@ -147,7 +147,7 @@ def test_a_bad_data_file_is_one_line_naming_file_and_line(world, tmp_path, case)
     data = bad_data(tmp_path, case)
     before = data.read_bytes()
     r = stage("02_calibrate.py", "--teacher", world / "teacher", "--target", world / "target", "--data", data,
-              "--out_dir", tmp_path / "out", *SMALL02)
+              "--out_dir", tmp_path / "out", *SMALL02, "--tasks", "gsm8k")  # a real task: a toy one refuses a local file
     line = one_error_line(r, alone=False)
     assert f"{data}:7" in line, line
     assert data.read_bytes() == before
