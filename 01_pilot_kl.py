@@ -1,58 +1,50 @@
 """
-Pilot KL study (paper section 4: Table 1 and Figure 2; Table 4 is the same script pointed at a
-calibrated teacher folder). For one teacher/student pair and each task: sample n rollouts per
-prompt from both models (temperature 1.0, no top-k/top-p), grade them, and measure how the KL
-estimators behave:
+Pilot KL study (paper section 4: Table 1 and Figure 2; Table 4 when the teacher is a calibrated
+.../merged folder). For one teacher/student pair and each task, samples rollouts from both models,
+grades them, and measures how the KL estimators behave on them.
 
+Per task, n rollouts per prompt from each model (temperature 1.0, no top-k/top-p), then:
 - token KL (Eq. 2), exact over the vocabulary, reverse KL(s||t) and forward KL(t||s), on student
   samples (on-policy) and on teacher samples (off-policy); per token and summed per sequence;
-- sequence KL (Eq. 1) per sequence: reverse on student samples, forward on teacher samples;
-- off-policy sequence RKL from teacher samples with importance weights (Eq. 3) and with K3:
-  mean, median and the share of non-finite weights, because the point is that they are unstable;
-- wrong-trace preference (4.2, DPO lens): how often a wrong student trace has the lower sequence
-  RKL than a correct one of the same prompt;
+- sequence KL (Eq. 1): reverse on student samples, forward on teacher samples;
+- off-policy sequence RKL from teacher samples with importance weights (Eq. 3) and with K3: mean,
+  median and the share of non-finite weights, because the point is that they are unstable;
+- wrong-trace preference (4.2, DPO lens): how often a wrong student trace has a lower sequence RKL
+  than a correct one of the same prompt;
 - forking tokens: the share of on-policy token RKL on the 20% highest-student-entropy positions;
 - tail noise (Eq. 4, DESIGN 4): per vocabulary token, its RKL contribution within the student's
   top-k (k = 1, 5, 20, 100, all) against its frequency in the rollouts, Spearman rho per k.
 
     python 01_pilot_kl.py --teacher runs/toy/00_toy_world/teacher --student runs/toy/00_toy_world/student \
-        --data runs/toy/00_toy_world/data --out_dir runs/toy/01_pilot/teacher
-    # Table 4: --teacher runs/toy/02_calibrate/<variant>/merged ; cross-tokenizer: --teacher .../target
-    # real: --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --tasks gsm8k,csqa,dolly   (each task's own budget)
+        --teacher_name original --data runs/toy/00_toy_world/data --out_dir runs/toy/01_pilot/original
+    # Table 4: --teacher runs/toy/02_calibrate/distillable/merged --teacher_name distillable
+    # real: --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --tasks gsm8k,csqa   (hub data, each task's own budget)
 
-Writes config.json (first), metrics.jsonl (one line per task), table1.json (DESIGN 9 row schema
-plus extra keys), table1.md (rows = quantities, columns = tasks, like the paper's Table 1),
-tail_noise.png, rollouts.jsonl (every rollout, its grade and both models' sequence log-probs) and
-samples_student.json / samples_teacher.json (each model's rollouts, reused by a rerun with the same
-weights and settings).
+Writes config.json (first), metrics.jsonl (one line per task), table1.json and table1.md (quantities
+down, tasks across, like the paper's Table 1), tail_noise.png, rollouts.jsonl (every rollout, its
+grade and both models' sequence log-probs) and samples_student.json / samples_teacher.json (reused by
+a rerun with the same weights and settings).
 
-Expected on the toy world (defaults, 2 CPU cores to itself, seed 0, measured 2026-11-23): 20 s.
-    toy_math / toy_qa: accuracy student 0.08 / 0.28, teacher 0.43 / 0.57 (sampled, T=1);
-    on-policy token RKL 0.974 / 0.159 per token, FKL 0.509 / 0.120; sequence RKL 36.9 / 2.3 per
-    sequence (token RKL summed per sequence 36.8 / 2.2: Eq. 1 and Eq. 2 agree); wrong-trace
-    preference 49.6% / 35.4%; off-policy IS mean -0.021 / 0.455, K3 mean 0.968 / 0.636 with
-    median 1.000 on toy_math (the weights vanish); forking share 0.73 / 0.83; tail-noise rho for
-    k = 1, 5, 20, 100, all, per position: 0.72, 0.83, 0.84, 0.85, 0.85 / 0.21, 0.33, 0.37, 0.38, 0.40;
-    per top-k occurrence: -0.15, 0.51, 0.74, 0.84, 0.85 / -0.44, -0.12, 0.19, 0.34, 0.40.
+Expected on the default toy world: see docs/RESULTS.md
 
-Departures and readings:
-- Cross-tokenizer pairs (e.g. teacher vs the target): only sequence-level rows; each model scores
-  the same text with its own tokenization (the sampler scores its own sampled ids exactly);
-  token-level fields are null with the reason in "note".
-- Per-token means pool all completion positions of a task (token-weighted). "*_per_seq" keys are
-  per-sequence sums; on student samples onpolicy_token_rkl_per_seq and onpolicy_seq_rkl estimate
-  the same quantity (Eq. 2 is the Rao-Blackwellized Eq. 1), so their gap is sampling noise.
-- Tail noise: the figure and rho use |contribution| (a token's contribution p_s(v) log(p_s/p_t)
-  is negative where the teacher puts more mass; both are discrepancy). rho is taken over tokens
-  realized at least once in the student's rollouts and ever inside the top-k (non-zero sum);
-  tail_spearman_signed gives rho on the signed contribution for comparison. Two normalizations:
-  tail_spearman divides a token's summed contribution by all positions (DESIGN 4's reading of
-  Eq. 4); tail_spearman_member by the positions where the token was a top-k candidate, its mean
-  contribution there (the paper's "average KL divergence for each token"). At small k the first
-  mostly counts how often a token is a candidate, which follows its frequency almost rank for rank
-  (toy_math, k=1: rho 0.99 between the two), so only the second can show the paper's finding that
-  the correlation appears only as k -> |V|. The figure has one row per normalization.
-- Paper reports KL averaged over tasks of a family; we report one column per task.
+Departures from the paper and why:
+- One column per task, so that a task unlike the rest of its family shows; the paper averages KL
+  over the tasks of a family. Per-token means pool all completion positions of a task
+  (token-weighted); "*_per_seq" keys are per-sequence sums. On student samples
+  onpolicy_token_rkl_per_seq and onpolicy_seq_rkl estimate the same quantity (Eq. 2 is the
+  Rao-Blackwellized Eq. 1), so their gap is sampling noise.
+- Teacher and student with different tokenizers (e.g. the teacher against the target): token KL is
+  undefined across vocabularies, so only sequence-level rows; each model scores the same text with its
+  own tokenization (the sampler scores its own sampled ids exactly). Token-level fields are null with
+  the reason in "note".
+- Tail noise uses |contribution|: a token's contribution p_s(v) log(p_s/p_t) is negative where the
+  teacher puts more mass, and both signs are discrepancy (tail_spearman_signed keeps the sign). rho is
+  over tokens realized at least once in the student's rollouts and ever inside the top-k. Eq. 4 reads
+  two ways, and both are reported (one figure row each): tail_spearman divides a token's summed
+  contribution by all positions (DESIGN 4); tail_spearman_member by the positions where the token was a
+  top-k candidate (the paper's "average KL divergence for each token"). At small k the first mostly
+  counts how often a token is a candidate, which follows its frequency, so only the second can show the
+  paper's finding that the correlation appears only as k -> |V|.
 """
 import argparse, math, os, sys, time
 

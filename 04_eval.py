@@ -1,47 +1,44 @@
 """
-Evaluation (paper section 6: Tables 2, 3, 6, 7). For each model and task: k samples per prompt
-(temperature 1.0 by default), extract and grade each, then
+Evaluation (paper section 6: Tables 2, 3, 6 and 7). For each model and task, k samples per
+prompt (temperature 1.0), each graded; accuracy, maj@k and pass@k with bootstrap intervals, and a
+reward-model score for open-ended tasks.
 
-- acc  = mean correctness over all P*k samples (the paper's "accuracy");
-- maj  = maj@k: the majority-voted answer is correct (ties: the answer seen first; no answer
-         never gets a vote), averaged over prompts;
-- pass = pass@k, the unbiased estimator of Chen et al. 2021 (with n = k samples it is "any
-         sample correct"), averaged over prompts;
+- acc  = mean correctness over all P*k samples (the paper's "accuracy"), graded strictly: a finished
+         completion with an explicit final answer (common.grade); the lenient reading is reported beside it;
+- maj  = maj@k: the majority-voted answer is correct (ties: the answer seen first; no answer never
+         gets a vote), averaged over prompts;
+- pass = pass@k, the unbiased estimator of Chen et al. 2021, averaged over prompts; with n = k samples,
+         as in the paper (k = 16), it is "any sample correct";
 - 95% percentile-bootstrap intervals over prompts for each (acc_ci, maj_ci, pass_ci);
 - rm_score for open-ended tasks (dolly, vicuna): a sequence-classification reward model scores
-  [user prompt, assistant completion] through its own chat template. Skywork-Reward-V2 emits an
-  unbounded Bradley-Terry logit r, so we report rm_score = mean over samples of sigmoid(r) (the
-  win probability against a reference answer scored 0, in [0, 1], so models compare on one scale)
-  and the mean raw logit as rm_raw. This is our mapping: the paper does not say how its 0-1
-  numbers were obtained.
-
-Every completion goes to samples/<model>__<task>.jsonl (prompt index, prompt text, completion,
-extracted answer, grade, finished, n tokens, rm_raw) which 05_failure_modes.py reads, and beside it
-a .meta.json (model path, a stamp of its weight files, sampling settings). A sample file is reused
-(the model is not even loaded) when its meta matches and it holds P*k rows for the same prompts,
-unless --redo: rerunning with new --labels only rebuilds the tables, while a model retrained at the
-same path is sampled anew.
+  [user prompt, assistant completion] through its own chat template.
 
     python 04_eval.py --data runs/toy/00_toy_world/data --out_dir runs/toy/04_eval \
-        --models teacher=runs/toy/00_toy_world/teacher,student=runs/toy/00_toy_world/student,misled=runs/toy/03_distill/rkl_undistill/model \
+        --models teacher=runs/toy/00_toy_world/teacher,student=runs/toy/00_toy_world/student,misled=runs/toy/03_distill/rkl_undistillable/model \
         --labels teacher=Teacher,student=Student,misled=Misled
-    # Table 3 (OOD / cross-distribution): same script, other tasks and labels, --table table3
+    # Table 3 (OOD / cross-distribution): same script, other models, tasks and labels, --table table3
     # real: --models ...=Qwen/Qwen3-8B,... --tasks bigmath_l4,bigmath_l5,csqa,mmlu_pro,supergpqa,dolly,vicuna \
     #       --reward_model Skywork/Skywork-Reward-V2-Llama-3.1-8B --backend vllm   (each task's own budget, common.TASKS)
 
 Writes config.json (first; config_table3.json with --table table3), metrics.jsonl (one line per
-model x task), samples/, <table>.json (DESIGN 9 rows plus extra keys) and <table>.md (rows grouped
-like the paper's Table 2, columns = tasks, cells `acc [maj, pass]`, rm_score for open tasks; a
-second table with the intervals).
+model x task), samples/<model>__<task>.jsonl (every completion with its prompt, answer, grade,
+finished flag, length and rm_raw; 05_failure_modes.py reads them) with a .meta.json beside each (model
+path, a stamp of its weight files, sampling settings), <table>.json (DESIGN 9 rows plus extra keys) and
+<table>.md (rows grouped like the paper's Table 2, columns = tasks, cells `acc [maj, pass]`, rm_score
+for open tasks; then how the completions ended, and the intervals). A sample file is reused (the model
+is not even loaded) when its meta matches and it holds P*k rows for the same prompts, unless --redo:
+new --labels only rebuild the tables, a model retrained at the same path is sampled anew.
 
-Expected on the toy world: the 9 Table-2 models x 2 tasks x 64 prompts x 16 samples (18,432
-completions) take 58 s on 2 CPU cores to itself (seed 0, 2026-11-23); Table 3 (5 models, toy_qa,
-reusing the teacher's and student's samples) 9 s. Batches run until their longest sample ends
-unless rows leave as they finish (common.generate drops finished rows from the batch); toy
-completions are <= 134 tokens (99% <= 104).
+Expected on the default toy world: see docs/RESULTS.md
 
-Departures: the paper uses n = k = 16 samples for pass@16; we do too (pass@k needs n >= k, and
-n = k makes it the plain "any correct"). Models are evaluated one at a time to bound memory.
+Departures from the paper and why:
+- rm_score: Skywork-Reward-V2 emits an unbounded Bradley-Terry logit r; we report the mean of
+  sigmoid(r) (the win probability against a reference answer scored 0, in [0, 1], so models compare on
+  one scale) and the mean raw logit as rm_raw. The paper reports 0-1 numbers without saying how it
+  obtained them.
+- Strict grading (above): the paper does not describe its grader; a lenient one credits a number
+  found mid-computation in a completion cut off at the token limit.
+- Models are evaluated one at a time, to bound memory.
 """
 import argparse, json, math, os, re, sys, time
 

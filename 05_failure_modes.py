@@ -1,8 +1,9 @@
 """
 Failure-mode analysis (paper section 6.5 and appendix G). Reads stage 04's samples of the base
-student, the misled student(s) and any other models, and counts, with deterministic detectors
-(common.py, section "failure-mode detectors", each unit-tested on hand-written completions):
+student, the misled student(s) and any other models, counts five failure modes with deterministic
+detectors, and runs the prefix-continuation test of Figure 4 with the teacher.
 
+Detectors (common.py, section "failure-mode detectors", each unit-tested on hand-written completions):
 - repetition:          a span repeated back to back >= 4 times and no answer committed after it;
 - no_answer:           no final answer in any recognised scheme ('####', \\boxed, 'the answer is');
                        "truncated" (extra key) = no answer and the completion hit max_new_tokens;
@@ -11,34 +12,30 @@ student, the misled student(s) and any other models, and counts, with determinis
 - format_drift:        the final answer in another labelling scheme than the prompt asked for;
 - overconfident_wrong: per prompt, the majority answer is wrong while some sample is right (the
                        paper's pass@16 - maj@16 gap; uniform guessing scores high too, so compare models).
-
-The first four are fractions of the analysed completions; overconfident_wrong is a fraction of the
+The first four are fractions of the analysed completions, overconfident_wrong a fraction of the
 analysed prompts. Each is reported over all prompts and over the paper's focus set: prompts the base
 student solved by majority vote that this model fails by majority vote.
 
 Prefix-continuation test (paper Figure 4): each self-check flip of a misled student is cut just
-before its recheck phrase; the teacher continues prompt + prefix (--n_continue samples) and we
-report how often it ends correct (paper: 89-95%). A high rate says the student had the knowledge and
-lost it to distillation-induced instability.
+before its recheck phrase; the teacher continues prompt + prefix (--n_continue samples) and we report
+how often it ends correct (paper: 89-95%). A high rate says the student had the knowledge and lost it
+to distillation-induced instability.
 
     python 05_failure_modes.py --samples runs/toy/04_eval/samples --base student --misled misled \
         --models teacher,improve --teacher runs/toy/00_toy_world/teacher --out_dir runs/toy/05_failure
 
 Writes config.json (first), metrics.jsonl (one line per model x task), failure_modes.json (DESIGN 9
 plus "focus", "by_task", "truncated", counts), failure_modes.md, examples.md (short excerpts per mode
-and model), failure_modes.png (bars per model).
+and model) and failure_modes.png (bars per model).
 
-Expected on the toy world (2 CPU cores to itself, 2026-11-23): 6 s for 6 models x 2 tasks x 64
-prompts x 16 samples plus the prefix test. The misled student's failures there: over all prompts
-overconfident-wrong 46.9% of prompts (student 53.9%), no final answer 0.8%, format drift 0.2%,
-self-check flips 0.5%, repetition 0.0%; 17 focus prompts (student right by majority vote, misled
-wrong). The teacher continuing the misled student's 11 flipped prefixes ended correct in 81.8% of
-44 continuations (paper: 89-95%).
+Expected on the default toy world: see docs/RESULTS.md
 
-Departures: the paper builds its taxonomy iteratively with a Claude judge; here the detectors are
-fixed rules and the judge (--judge, any local chat model, prompt below) is optional and off by
-default: it only labels focus-set completions and its counts are reported beside the rules'.
-The prompt rows come from the sample files themselves (04 stores each row), so there is no --data.
+Departures from the paper and why:
+- The paper builds its taxonomy iteratively with a Claude judge; here the detectors are fixed rules,
+  so counts are reproducible and need no API. An LLM judge (--judge, any local chat model, prompt
+  below) is optional and off by default: it labels the focus-set completions a detector flagged, and its
+  counts are reported beside the rules'.
+- The prompt rows come from the sample files themselves (04 stores each row), so there is no --data.
 """
 import argparse, os, sys, time
 
