@@ -144,8 +144,12 @@ if os.path.exists(os.path.join(R, "times.tsv")):
         times = [x for x in (line.rstrip("\n").split("\t") for line in f) if len(x) == 2 and x[1].isdigit()]
 out += ["## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
 out += [f"| {n} | {s} |" for n, s in times]
-out += [f"| **total** | **{sum(int(s) for _, s in times)}** |", "",
-        "(times.tsv accumulates over reruns; a resumed stage shows the time of its last part)", ""]
+out += [f"| **sum of the stages** | **{sum(int(s) for _, s in times)}** |", ""]
+wall = load("wall.json")  # run_all.sh's last invocation: stages run side by side (JOBS), so the wall time is less than the sum
+if wall:
+    out += [f"Wall time of the last `run_all.sh` ({wall['jobs']} stages at a time, {wall['stages_run']} stages run, "
+            f"the others skipped as complete): **{wall['seconds']} s**.", ""]
+out += ["(times.tsv accumulates over reruns; a resumed stage shows the time of its last part)", ""]
 
 # ----------------------------------------------------------------------------- toy world
 tw = load("00_toy_world/summary.json")

@@ -77,7 +77,7 @@ case $PRESET in
     # 03 an fp32 0.5B student + AdamW (8 GB), the bf16 teacher (3 GB) and a 0.2 share for the vLLM engine;
     # 600 prompts per task x 4 teacher samples = 4,800, what 300 steps x 16 consume: each sample seen about once
     REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 200 --prompts_per_step 8 --group_size 8 --micro_batch 8 --grad_ckpt)
-    REAL03=(--lr 1e-6 --steps 300 --batch_size 16 --n_prompts 600 --micro_batch 4 --grad_ckpt --vllm_mem 0.2) ;;
+    REAL03=(--lr 1e-6 --steps 300 --batch_size 16 --n_prompts 600 --teacher_samples 4 --micro_batch 4 --grad_ckpt --vllm_mem 0.2) ;;
   custom)  # your models and tasks, all from the environment; each stage's own (toy-sized) defaults
     for v in TEACHER STUDENT TARGET TASKS; do
       [ -n "$(eval echo "\${ENV_$v}")" ] || { echo "error: PRESET=custom needs $v=... (see the top of run_all.sh)" >&2; exit 2; }
@@ -95,7 +95,7 @@ if [ "$PRESET" != toy ] && [ "$PRESET" != small ] && [ "$PRESET" != custom ]; th
   # Our choices for real models (the paper's learning rates, LoRA rank and step counts are not in its text):
   # a LoRA teacher at 1e-5, full-weight students at 1e-6 (TRL's DistillationConfig default), 8 rollouts per prompt.
   REAL02=(--lr 1e-5 --lora_r 16 --lora_alpha 32 --steps 400 --prompts_per_step 16 --group_size 8 --micro_batch 8 --grad_ckpt)
-  REAL03=(--lr 1e-6 --steps 500 --batch_size 32 --n_prompts 4000 --micro_batch 4 --grad_ckpt)
+  REAL03=(--lr 1e-6 --steps 500 --batch_size 32 --n_prompts 4000 --teacher_samples 4 --micro_batch 4 --grad_ckpt)
 fi
 
 [ -n "${BACKEND:-}" ] && GEN+=(--backend "$BACKEND")  # after a preset's own --backend: argparse keeps the last
@@ -104,7 +104,10 @@ fi
 [ -n "$ENV_TEACHER" ] && { TEACHER=$ENV_TEACHER; TB=$(basename "$TEACHER"); }
 [ -n "$ENV_STUDENT" ] && { STUDENT=$ENV_STUDENT; SB=$(basename "$STUDENT"); }
 [ -n "$ENV_TARGET" ] && TARGET=$ENV_TARGET
-[ -n "$ENV_TASKS" ] && TASKS=$ENV_TASKS
+if [ -n "$ENV_TASKS" ]; then  # your tasks: evaluated as given, Table 3 calibrates on the first and reads the rest OOD
+  TASKS=$ENV_TASKS; EVAL_TASKS=$TASKS; CAL_TASK=${TASKS%%,*}
+  OOD_TASKS=$([ "$TASKS" = "$CAL_TASK" ] && echo "$TASKS" || echo "${TASKS#*,}")
+fi
 [ -n "$ENV_EVAL_TASKS" ] && EVAL_TASKS=$ENV_EVAL_TASKS
 [ -n "$ENV_DATA" ] && DATA=(--data "$ENV_DATA")
 OVERRIDES=""  # recorded with the run's settings: another model or task list into the same run folder is refused
@@ -117,7 +120,7 @@ echo "models: teacher $TEACHER | student $STUDENT | target $TARGET | tasks $TASK
 # made by stage 00); one line each, from common.py's own checks; nothing is written before they pass
 CHECK=()
 for m in "$TEACHER" "$STUDENT" "$TARGET"; do [ "$PRESET" = toy ] && [[ "$m" == "$R/00_toy_world/"* ]] || CHECK+=("$m"); done
-$PY - "$TASKS,$EVAL_TASKS" "$ENV_DATA" "${CHECK[@]}" <<'EOF' || exit 2
+$PY - "$TASKS,$EVAL_TASKS,$CAL_TASK,$OOD_TASKS" "$ENV_DATA" "${CHECK[@]}" <<'EOF' || exit 2
 import sys
 try:
     import common
@@ -428,11 +431,14 @@ fi
 barrier
 }
 PLAN=1; pipeline; PLAN=0
+T_RUN=$(date +%s); N_RAN=$(wc -l < "$R/times.tsv" 2>/dev/null || echo 0)
 if [ -n "$REDO" ] && [[ " ${STAGES[*]} " != *" $REDO "* ]]; then
   echo "error: REDO=$REDO is not a stage of this run; its stages: ${STAGES[*]}" >&2; exit 2
 fi
 pipeline
 
 # ----------------------------------------------------------------------------- report
+printf '{"seconds": %d, "jobs": %d, "stages_run": %d}\n' "$(( $(date +%s) - T_RUN ))" "$JOBS" \
+  "$(( $(wc -l < "$R/times.tsv" 2>/dev/null || echo 0) - N_RAN ))" > "$R/wall.json.tmp" && mv "$R/wall.json.tmp" "$R/wall.json"
 $PY report.py --run "$R"
 echo "done: $R/REPORT.md"
