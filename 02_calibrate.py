@@ -90,7 +90,7 @@ p.add_argument("--prompts_per_step", type=int, default=6, help="prompts per step
 p.add_argument("--max_new_tokens", type=int, default=None, help="rollout length limit (default: each task's own, common.TASKS)")
 # optimization
 p.add_argument("--steps", type=int, default=30, help="updates (one per fresh batch)")
-p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA (2e-3 lost 0.2 toy_math accuracy)")
+p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA")
 p.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm")
 p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
 p.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r)")

@@ -7,7 +7,7 @@ Benchmarks, side by side in one run (DESIGN 10). Figures are printed, never asse
     python bench.py --what gpu        # one H100: Qwen3-1.7B/8B-architecture random weights, 512-token completions, ours
                                       # (colocated vLLM) vs TRL DistillationTrainer (colocated vLLM) and GKDTrainer,
                                       # vLLM in the loop vs standalone (~10 min)
-    python bench.py --what gpu --gpu_arch tiny   # the same code on CPU with tiny Qwen3 configs (hf backend): a dry run
+    python bench.py --what gpu --gpu_arch tiny   # the same code on CPU with tiny Qwen3 configs (vLLM's CPU build when installed): a dry run
     python bench.py --what all        # everything that applies on this machine
 
 memory: a random-weight Qwen3 config with the real 151,936-token vocabulary (hidden 64, 1 layer:
@@ -362,12 +362,12 @@ def bench_cpu_step():
 
 
 # ----------------------------------------------------------------------------- gpu
-# Issue 10 on one H100 (DESIGN 10): a Qwen3-1.7B-architecture student and a Qwen3-8B-architecture teacher
-# with random weights built from configs (no hub), bf16, a batch of random-text prompts, 512-token
-# completions. Three measurements in this order, so each has the GPU to itself: (1) standalone vLLM on
-# the student folder, in a subprocess that exits; (2) TRL's GKDTrainer (lmbda 1, beta 1, gradient
-# checkpointing off so its HF generate keeps the KV cache); (3) ours: 03_distill.py's rkl step with its
-# colocated engine, the student's weights pushed into it after every optimizer step.
+# One H100 (DESIGN 10): a Qwen3-1.7B-architecture student and a Qwen3-8B-architecture teacher with random
+# weights built from configs (no hub), bf16, a batch of random-text prompts, 512-token completions. Four
+# measurements in this order, so each has the GPU to itself: (1) standalone vLLM on the student folder and
+# (2) TRL's DistillationTrainer, each in a subprocess that exits; (3) TRL's GKDTrainer (lmbda 1, beta 1,
+# gradient checkpointing off so its HF generate keeps the KV cache); (4) ours: 03_distill.py's rkl step
+# with its colocated engine, the student's weights pushed into it after every optimizer step.
 QWEN3 = {  # the hub configs' shapes (Qwen/Qwen3-1.7B, Qwen/Qwen3-8B), vocab 151,936
     "student": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
