@@ -445,6 +445,17 @@ def all_sum(x):
     return t.to(x.device) if torch.is_tensor(x) else t.item()
 
 
+def all_sum_grads(params):
+    """Replicated parameters (02's LoRA): their gradients summed over the ranks in one flat all-reduce, after a
+    step's backward passes (each rank's loss already divided by the whole batch's token count)."""
+    if world()[1] == 1:
+        return
+    grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+    flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for q, g in zip(params, flat.split([g.numel() for g in grads])):
+        q.grad = g.view_as(q).to(q.dtype).clone()
+
+
 def all_gather_cat(t):
     """The ranks' tensors (same shape on every rank) concatenated along dim 0 in rank order (t in one process)."""
     if world()[1] == 1:

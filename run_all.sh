@@ -259,10 +259,12 @@ stage 01_pilot_original "$P/original/table1.json $P/original/table1.md" "$P/orig
   --teacher_name original --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 
 # ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
+# NPROC=N: 02 and 03 on N GPUs of this node under torchrun (the same steps as one process; HF generation, spread over the ranks)
+PYN=$PY; NP=(); if [ "${NPROC:-1}" -gt 1 ]; then PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"; NP=(--backend hf); fi
 CAL=$R/02_calibrate
 calibrate() {  # calibrate NAME LAM TASKS
-  stage "02_calibrate_$1" "$CAL/$1/summary.json $CAL/$1/merged $CAL/$1/adapter" "$CAL/$1" -- $PY 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
-    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}"
+  stage "02_calibrate_$1" "$CAL/$1/summary.json $CAL/$1/merged $CAL/$1/adapter" "$CAL/$1" -- $PYN 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
+    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" "${NP[@]}"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
@@ -277,8 +279,8 @@ done
 D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
-  stage "${P03:-03_distill}_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
+  stage "${P03:-03_distill}_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PYN 03_distill.py --method "$method" --teacher "$teacher" \
+    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "${NP[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
 distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
