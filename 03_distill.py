@@ -360,8 +360,9 @@ for step in range(start + 1, args.steps + 1):
     if onpolicy:
         items = [train[i] for i in take("prompt_cursor", len(train), args.batch_size, state)]
         with common.unsharded(student):
-            comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items], spread=True, batch_size=args.gen_batch,
-                                              temperature=args.temperature, seed=common.derive_seed(args.seed, "student_samples", step), backend=backend, engine=engine)
+            comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
+                                              temperature=args.temperature, seed=common.derive_seed(args.seed, "student_samples", step),
+                                              backend=backend, engine=engine, batch_size=args.gen_batch, spread=True)
     else:
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
