@@ -173,6 +173,7 @@ lora_params = [q for q in model.parameters() if q.requires_grad]
 opt = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=0.0)
 print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() for q in lora_params) / 1e3:.1f}K trainable, "
       f"target {common.n_params(target) / 1e6:.2f}M, backend {backend}, device {device}", flush=True)
+common.note_idle_ranks(P * G, max(1, args.gen_batch // G) * G)  # generate() batches whole prompts
 
 # training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
 # number of prompts consumed so far, which is all a resume needs to continue the same order
@@ -437,6 +438,7 @@ def save_merged(path):
 if rank == 0:
     common.atomic_save_dir(os.path.join(args.out_dir, "merged"), save_merged)
     shutil.rmtree(lora_dir, ignore_errors=True)
+common.barrier()  # torchrun: rank 0 has appended its last line to metrics.jsonl
 rows = common.read_jsonl(metrics_path)
 train = [r for r in rows if "eval" not in r]
 summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.teacher, "target": args.target,

@@ -181,6 +181,7 @@ for task in args.tasks:
             rows.append({"task": task, "row": r, "sp": common.build_prompt(stok, task, r), "tp": common.build_prompt(ttok, task, r)})
 print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmbda {args.lmbda}, beta {BETA}, "
       f"vocab {vocab}, backend {backend}, {common.n_params(student) / 1e6:.2f}M student params", flush=True)
+common.note_idle_ranks(args.batch_size, args.gen_batch)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -477,6 +477,16 @@ def all_gather_objects(obj):
     return out
 
 
+def note_idle_ranks(sequences, gen_batch):
+    """torchrun: a step's sampling is spread over the ranks by generation batch; with fewer batches than ranks some
+    ranks wait. Says so once (rank 0), with the --gen_batch that uses every rank."""
+    rank, ws = world()
+    k = -(-sequences // gen_batch)
+    if ws > 1 and k < ws and rank == 0:
+        print(f"note: {sequences} sequences per step in generation batches of {gen_batch}: {k} of the {ws} ranks sample, the others "
+              f"wait; --gen_batch {max(1, sequences // ws)} uses all of them (samples depend on --gen_batch, not on the ranks)", flush=True)
+
+
 def rank_slice(n):
     """This rank's contiguous share of a global batch of n rows (all of it in one process); n % W == 0."""
     rank, ws = world()

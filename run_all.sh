@@ -259,12 +259,19 @@ stage 01_pilot_original "$P/original/table1.json $P/original/table1.md" "$P/orig
   --teacher_name original --tasks "$EVAL_TASKS" "${DATA[@]}" --out_dir "$P/original" "${SD[@]}" "${GEN[@]}" "${S01[@]}"
 
 # ----------------------------------------------------------------------------- 02 calibration: the knob at +1 and -1
-# NPROC=N: 02 and 03 on N GPUs of this node under torchrun (the same steps as one process; HF generation, spread over the ranks)
-PYN=$PY; NP=(); if [ "${NPROC:-1}" -gt 1 ]; then PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"; NP=(--backend hf); fi
+# NPROC=N: 02 and 03 on N GPUs of this node under torchrun, HF generation with a step's samples spread over the ranks
+# (--gen_batch = a step's sequences / N; one process with the same --gen_batch gives the same numbers)
+PYN=$PY; NP02=(); NP03=()
+if [ "${NPROC:-1}" -gt 1 ]; then
+  last() { local v=$2 n=$1; shift 2; while [ $# -gt 1 ]; do [ "$1" = "--$n" ] && v=$2; shift; done; echo "$v"; }  # last --n value, or $2
+  PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
+  NP02=(--backend hf --gen_batch $(( $(last prompts_per_step 6 "${REAL02[@]}" "${S02[@]}") * $(last group_size 8 "${REAL02[@]}" "${S02[@]}") / NPROC )))
+  NP03=(--backend hf --gen_batch $(( $(last batch_size 32 "${REAL03[@]}" "${S03[@]}") / NPROC )))
+fi
 CAL=$R/02_calibrate
 calibrate() {  # calibrate NAME LAM TASKS
   stage "02_calibrate_$1" "$CAL/$1/summary.json $CAL/$1/merged $CAL/$1/adapter" "$CAL/$1" -- $PYN 02_calibrate.py --teacher "$TEACHER" --target "$TARGET" \
-    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" "${NP[@]}"
+    --lam "$2" --tasks "$3" "${DATA[@]}" --out_dir "$CAL/$1" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" "${NP02[@]}"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
@@ -280,7 +287,7 @@ D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; D (out root) and P03 (stage-name prefix) may be overridden
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
   stage "${P03:-03_distill}_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PYN 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "${NP[@]}" "$@"
+    --student "$STUDENT" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "${NP03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # sampled once,
 distill fkl_original fkl "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"   # shared by sft and fkl
