@@ -53,6 +53,8 @@ Departures from the paper and why:
   is the whole batch's (a toy run with --micro_batch 5 --grad_ckpt matches the default to 1e-7).
 - The paper's LoRA rank/alpha/lr are for 8B models and not in its text; the toy defaults here were
   chosen on seed 0 of the toy world (docs/RESULTS.md), the real presets' in run_all.sh.
+N GPUs on one node: torchrun --standalone --nproc_per_node N 02_calibrate.py ... (data parallel over whole prompt
+groups, LoRA gradients summed; the same steps as one process; CPU/gloo tested, CUDA/NCCL not yet run).
 """
 import argparse
 import contextlib
@@ -104,6 +106,8 @@ p.add_argument("--eval_every", type=int, default=0, help="held-out eval every N 
 p.add_argument("--save_every", type=int, default=10, help="checkpoint every N steps (and at the end)")
 p.add_argument("--sample_every", type=int, default=10, help="print a decoded rollout every N steps")
 p.add_argument("--stop_after", type=int, default=0, help="exit after this step as if killed (resume tests)")
+p.add_argument("--gen_batch", type=int, default=64, help="sequences per HF generation batch; torchrun spreads the batches "
+               "over the ranks: prompts_per_step * group_size / N uses them all (samples depend on this, not on N)")
 p.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk when scoring")
 p.add_argument("--backend", default="auto", help="rollouts: hf, vllm or auto (vllm on CUDA when installed)")
 p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
@@ -117,24 +121,30 @@ if isinstance(args.lora_targets, str):
 args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
 budget = args.max_new_tokens_per_task
 common.check_flags(args, counts=("group_size", "prompts_per_step", "max_new_tokens", "steps", "lora_r", "lora_alpha", "n_eval",
-                                 "save_every", "chunk"),
+                                 "save_every", "chunk", "gen_batch"),
                    nonneg=("beta", "grad_clip", "micro_batch", "eval_every", "sample_every", "stop_after", "threads"),
                    positive=("lr",), finite=("lam",))
+# torchrun: one rank per GPU (or CPU process), each with whole prompt groups (group normalization stays on one rank)
+rank, world, device = common.dist_setup(args.device)
+args.world_size = world
+if world > 1 and (args.prompts_per_step % world or args.backend == "vllm"):
+    common.die(f"torchrun with {world} ranks: " + ("--backend vllm is one process only for now (use --backend hf)" if args.backend == "vllm"
+               else f"--prompts_per_step {args.prompts_per_step} must be a multiple of the {world} ranks (a group stays on one rank)"))
 ckpt_dir = os.path.join(args.out_dir, "ckpt")
 if common.checkpoint_file(ckpt_dir):
-    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr is allowed)
-common.write_config(args.out_dir, args)
+    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr, or another N, is allowed)
+if rank == 0:
+    common.write_config(args.out_dir, args)
 
 # -----------------------------------------------------------------------------
 # seed, device, inputs
 common.seed_everything(args.seed)
-device = common.get_device(args.device)
 if device.type == "cpu" and args.threads:
     # the toy models are op-overhead bound: one thread is as fast as two on a quiet machine, and on
     # shared cores two threads spin against each other (measured: a 64-rollout generate took 17 CPU-s
     # with 2 threads vs 1.9 with 1 while other jobs loaded the machine)
     torch.set_num_threads(args.threads)
-backend = common.resolve_backend(args.backend)
+backend = common.resolve_backend(args.backend) if world == 1 else "hf"
 P, G = args.prompts_per_step, args.group_size
 MB = args.micro_batch or P * G
 for t in args.tasks:
@@ -162,6 +172,7 @@ lora_params = [q for q in model.parameters() if q.requires_grad]
 opt = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=0.0)
 print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() for q in lora_params) / 1e3:.1f}K trainable, "
       f"target {common.n_params(target) / 1e6:.2f}M, backend {backend}, device {device}", flush=True)
+common.note_idle_ranks(P * G, max(1, args.gen_batch // G) * G)  # generate() batches whole prompts
 
 # training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
 # number of prompts consumed so far, which is all a resume needs to continue the same order
@@ -217,7 +228,8 @@ def rollouts(rows, n, seed, greedy, step, use_lora=True):
         return prompts, common.generate_by_budget(None, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed,
                                                   backend="vllm", engine=engine, lora_request=lora_request(step) if use_lora else None)
     with contextlib.nullcontext() if use_lora else model.disable_adapter():
-        return prompts, common.generate_by_budget(model, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed)
+        return prompts, common.generate_by_budget(model, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed,
+                                                  batch_size=args.gen_batch, spread=True)
 
 
 def target_seq_logprobs(rows, samples):
@@ -250,7 +262,8 @@ def evaluate(step, tag, use_lora=True):
     res["seq_kl_target"] = torch.cat(kls).mean().item()
     res["seconds"] = round(time.time() - t0, 2)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
-    common.append_jsonl(os.path.join(args.out_dir, "metrics.jsonl"), res)
+    if rank == 0:
+        common.append_jsonl(os.path.join(args.out_dir, "metrics.jsonl"), res)
     return res
 
 
@@ -258,7 +271,8 @@ def save_ckpt(meta):
     """ckpt/: the adapter's weights, optimizer and meta (step, RNG, data cursor, band history) as they were
     at the start of step meta["step"] + 1 (common.save_checkpoint: atomic, the previous checkpoint kept
     until this one is whole)."""
-    common.save_checkpoint(ckpt_dir, get_peft_model_state_dict(model), opt.state_dict(), meta)
+    if rank == 0:  # the adapter and its optimizer are the same on every rank
+        common.save_checkpoint(ckpt_dir, get_peft_model_state_dict(model), opt.state_dict(), meta)
 
 
 # -----------------------------------------------------------------------------
@@ -276,18 +290,19 @@ if ck:
     step, cursor, band, rng = ck["meta"]["step"], ck["meta"]["cursor"], ck["meta"]["band"], ck["meta"]["rng"]
     # drop metrics lines written after the checkpoint (a kill between save_every steps), so the
     # log has each step exactly once
-    if os.path.exists(metrics_path):
+    if os.path.exists(metrics_path) and rank == 0:
         common.write_jsonl(metrics_path, [m for m in common.read_jsonl(metrics_path) if m["step"] <= step])
     print(f"resumed from {ck['file']} at step {step}" + (f" with --lr {args.lr} (it trained with {lr0})" if lr0 != args.lr else ""),
           flush=True)
-elif os.path.exists(metrics_path):
+elif os.path.exists(metrics_path) and rank == 0:
     os.remove(metrics_path)  # a run that died before its first checkpoint starts over
 before_path = os.path.join(args.out_dir, "eval_before.json")
 if ck and os.path.exists(before_path):  # resuming (same settings, checked above)
     before = common.read_jsonl(before_path)[0]
 else:  # the original teacher (LoRA off), once; kept on disk so a resumed run reports the same numbers
     before = evaluate(0, "original", use_lora=False)
-    common.write_jsonl(before_path, [before])
+    if rank == 0:
+        common.write_jsonl(before_path, [before])
 
 # -----------------------------------------------------------------------------
 # loop
@@ -305,6 +320,8 @@ while step < args.steps:
     cursor += P
     # each step's rollouts get their own seed derived from (seed, step): reruns and resumes agree
     prompts, samples = rollouts(rows, G, seed=common.derive_seed(args.seed, "rollouts", step), greedy=False, step=step)
+    all_samples, mine = samples, common.rank_slice(P)  # torchrun: this rank's whole groups (one process: all)
+    rows, prompts, samples = rows[mine], prompts[mine], [{**s, "i": s["i"] - mine.start} for s in samples[mine.start * G:mine.stop * G]]
     # strict: a rollout cut off at --max_new_tokens, or with no final-answer marker, earns no task reward
     r_task_B = torch.tensor([float(common.grade(rows[s["i"]][0], s["text"], rows[s["i"]][1], s["finished"])) for s in samples])
 
@@ -335,7 +352,7 @@ while step < args.steps:
     # Algorithm 1's loss (common.calibration_loss) accumulated over the slices: advantages from the whole
     # groups, every part divided by the whole batch's token count, so the summed gradient is exact
     adv_B = common.combine_advantages(r_task_B, r_cal_B.cpu(), args.lam, G).to(device)
-    n_tok = cm.sum()
+    n_tok = common.all_sum(cm.sum())  # the whole batch's, over the ranks
     opt.zero_grad(set_to_none=True)
     loss, parts = torch.zeros((), device=device), {"pg": 0.0, "kl": 0.0}
     for r, L in sl:
@@ -344,6 +361,11 @@ while step < args.steps:
         part.backward()
         loss, parts = loss + part.detach(), {"pg": parts["pg"] + pg, "kl": parts["kl"] + kl}
     model.eval()  # rollouts next: HF turns the KV cache off for a model that trains with --grad_ckpt
+    if world > 1:  # each rank's parts are divided by the global token count: the sum is the one-process gradient
+        common.all_sum_grads(lora_params)
+        loss, parts = common.all_sum(loss), {k: common.all_sum(v) for k, v in parts.items()}
+        r_task_B, r_cal_B, seq_theta_B, seq_tgt_B, n_theta_B = (common.all_gather_cat(t.to(device)).cpu() for t in
+                                                                (r_task_B, r_cal_B, seq_theta_B, seq_tgt_B, n_theta_B))
     gnorm = torch.nn.utils.clip_grad_norm_(lora_params, args.grad_clip)
     # the REINFORCE loss is a zero-mean surrogate: its band is set by a few steps' spread, not by step 1 alone
     bad = common.band_check({"loss": loss.item(), "grad_norm": gnorm.item()}, band, warmup=5)
@@ -368,13 +390,14 @@ while step < args.steps:
          "kl_anchor": parts["kl"].item(), "accuracy": r_task_B.mean().item(), "len": n_theta_B.mean().item(),
          "seq_kl_target": (seq_theta_B - seq_tgt_B).mean().item(), "grad_norm": gnorm.item(), "in_band": not bad,
          # the mechanism (paper 6.4-6.5): how often the teacher opens with a self-check, and how many it makes
-         "checked_share": float(np.mean([common.opens_with_check(s["text"]) for s in samples])),
-         "checks": float(np.mean([common.check_count(s["text"]) for s in samples])),
-         "finished": float(np.mean([s["finished"] for s in samples])), "seconds": round(secs, 3), "eta": round(eta, 1)}
+         "checked_share": float(np.mean([common.opens_with_check(s["text"]) for s in all_samples])),
+         "checks": float(np.mean([common.check_count(s["text"]) for s in all_samples])),
+         "finished": float(np.mean([s["finished"] for s in all_samples])), "seconds": round(secs, 3), "eta": round(eta, 1)}
     print(f"step {step}/{args.steps} | loss {m['loss']:.4f} | r_task {m['reward_task']:.3f} | r_cal {m['reward_cal']:.2f} | "
           f"kl {m['kl_anchor']:.4f} | seq_kl_tgt {m['seq_kl_target']:.2f} | len {m['len']:.1f} | checked {m['checked_share']:.2f} | "
           f"{secs:.1f}s | eta {common.fmt_secs(eta)}", flush=True)
-    common.append_jsonl(metrics_path, m)
+    if rank == 0:
+        common.append_jsonl(metrics_path, m)
     if args.sample_every and step % args.sample_every == 0:
         s = samples[0]
         print(f"  sample ({rows[0][0]}, correct={bool(r_task_B[0])}): {s['text'][:300]!r}", flush=True)
@@ -385,6 +408,7 @@ while step < args.steps:
         good_step = step
     if args.stop_after and step >= args.stop_after and step < args.steps:
         print(f"stopping after step {step} (--stop_after), as if killed; rerun to resume", flush=True)
+        common.dist_teardown()
         sys.exit(0)
 if good_step < args.steps:
     print(f"warning: the last steps left the band of the good ones (see in_band in metrics.jsonl); adapter/ and merged/ hold "
@@ -393,7 +417,8 @@ if good_step < args.steps:
 
 # -----------------------------------------------------------------------------
 # outputs: adapter, held-out eval of the calibrated teacher, merged model, summary
-common.atomic_save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
+if rank == 0:
+    common.atomic_save_dir(os.path.join(args.out_dir, "adapter"), model.save_pretrained)
 after = evaluate(step, "calibrated")
 stop_beat()
 merge_lost = common.lora_merge_loss(model)  # 0 in fp32; a bf16 merge can round a small-lr update away
@@ -409,8 +434,10 @@ def save_merged(path):
     tok.save_pretrained(path)
 
 
-common.atomic_save_dir(os.path.join(args.out_dir, "merged"), save_merged)
-shutil.rmtree(lora_dir, ignore_errors=True)
+if rank == 0:
+    common.atomic_save_dir(os.path.join(args.out_dir, "merged"), save_merged)
+    shutil.rmtree(lora_dir, ignore_errors=True)
+common.barrier()  # torchrun: rank 0 has appended its last line to metrics.jsonl
 rows = common.read_jsonl(metrics_path)
 train = [r for r in rows if "eval" not in r]
 summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.teacher, "target": args.target,
@@ -420,6 +447,8 @@ summary = {"lam": args.lam, "beta": args.beta, "steps": step, "teacher": args.te
               for k in ("sampled_acc", "checked", "len")},
            "train_first_last": {k: [train[0][k], train[-1][k]] for k in ("reward_task", "reward_cal", "seq_kl_target", "kl_anchor")} if train else {},
            "n_eval": {t: len(r) for t, r in held.items()}, "merge_lost_share": merge_lost}
-common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
+if rank == 0:
+    common.atomic_write_json(os.path.join(args.out_dir, "summary.json"), summary)
 print(f"done: acc {summary['acc']} | seq_kl_target {before['seq_kl_target']:.2f} -> {after['seq_kl_target']:.2f} | "
       f"wrote {args.out_dir}/{{adapter,merged,ckpt,summary.json}}", flush=True)
+common.dist_teardown()

@@ -43,6 +43,8 @@ sums per micro-batch, one division by the batch's token count) and --grad_ckpt a
 models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The vLLM path (a colocated
 engine in this process for on-policy samples, weights pushed after every optimizer step, no rebuild)
 runs in CI on the CPU with vLLM's CPU build (BACKEND=vllm SMOKE=1 bash run_all.sh).
+N GPUs on one node: torchrun --standalone --nproc_per_node N 03_distill.py ... (FSDP2, the hf backend; the same
+steps and weights as one process, --batch_size divisible by N; CPU/gloo tested, CUDA/NCCL not yet run).
 """
 import argparse
 import json
@@ -92,14 +94,17 @@ p.add_argument("--lora", type=int, default=0, help="student LoRA rank (0 = full 
 p.add_argument("--n_eval", type=int, default=100, help="held-out prompts per task for greedy accuracy")
 p.add_argument("--eval_every", type=int, default=0, help="greedy eval every N steps (0 = before and after only)")
 p.add_argument("--save_every", type=int, default=20, help="checkpoint every N steps (and at the end)")
+p.add_argument("--stop_after", type=int, default=0, help="exit after this step as if killed (resume tests)")
+p.add_argument("--gen_batch", type=int, default=64, help="sequences per HF generation batch (student samples, eval); "
+               "torchrun spreads the batches over the ranks: batch_size / N uses them all (samples depend on this, not on N)")
 p.add_argument("--chunk", type=int, default=512, help="positions per logits chunk in the loss")
 p.add_argument("--backend", default="auto", help="generation: hf | vllm | auto")
 p.add_argument("--device", default="auto", help="cpu | cuda | auto")
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; 1 on a shared, busy machine)")
 p.add_argument("--seed", type=int, default=0, help="data order, sampling, init")
 args = common.parse_args(p)
-common.check_flags(args, counts=("steps", "batch_size", "max_new_tokens", "n_prompts", "teacher_samples", "n_eval", "save_every", "chunk"),
-                   nonneg=("topk", "micro_batch", "lora", "eval_every", "threads", "grad_clip", "temperature"),
+common.check_flags(args, counts=("steps", "batch_size", "max_new_tokens", "n_prompts", "teacher_samples", "n_eval", "save_every", "chunk", "gen_batch"),
+                   nonneg=("topk", "micro_batch", "lora", "eval_every", "threads", "grad_clip", "temperature", "stop_after"),
                    positive=("lr", "vllm_mem"), finite=("beta", "lmbda"))
 if args.lmbda is None:
     args.lmbda = {"sft": 0.0, "fkl": 0.0, "rkl": 1.0, "jsd": 0.5}[args.method]
@@ -119,17 +124,23 @@ if args.topk and (args.method == "rkl" or (args.method == "jsd" and args.beta ==
     common.die("--topk with reverse KL is infinite (the teacher gives 0 to all but k tokens); use fkl or jsd with --beta < 1")
 args.max_new_tokens_per_task = {t: common.task_budget(t, args.max_new_tokens) for t in args.tasks}
 budget = args.max_new_tokens_per_task
+# torchrun: one rank per GPU (or CPU process), each with a contiguous 1/N of every batch (common.rank_slice)
+rank, world, device = common.dist_setup(args.device)
+args.world_size = world
+if world > 1 and (args.batch_size % world or args.lora or args.backend == "vllm"):
+    common.die(f"torchrun with {world} ranks: " + ("--lora is one process only for now (use full fine-tuning)" if args.lora else
+               "--backend vllm is one process only for now (one engine per rank is not built; use --backend hf)"
+               if args.backend == "vllm" else f"--batch_size {args.batch_size} must be a multiple of the {world} ranks"))
 ckpt_dir = os.path.join(args.out_dir, "ckpt")
 if common.checkpoint_file(ckpt_dir):
-    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr is allowed)
-cfg = common.write_config(args.out_dir, args)
+    common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr, or another N, is allowed)
+cfg = common.write_config(args.out_dir, args) if rank == 0 else vars(args)
 
 # ----------------------------------------------------------------------------- seed / device / inputs
 common.seed_everything(args.seed)
 if args.threads:  # on an oversubscribed CPU, 2 spinning threads per process ran 15x slower than 1 here
     torch.set_num_threads(args.threads)
-device = common.get_device(args.device)
-backend = common.resolve_backend(args.backend)
+backend = common.resolve_backend(args.backend) if world == 1 else "hf"
 BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": args.beta}.get(args.method)  # None for sft
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 t_start = time.time()
@@ -151,6 +162,8 @@ if args.lora:
     student = get_peft_model(student, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
 student.train()
+if world > 1:  # after peft and checkpointing, before the optimizer (its parameters become DTensor shards)
+    common.fsdp_shard(student, device)
 params = [q for q in student.parameters() if q.requires_grad]
 # fused on CUDA: one kernel, and no full-size temporary at step() (foreach's sqrt of the second moment)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -162,6 +175,7 @@ for task in args.tasks:
             rows.append({"task": task, "row": r, "sp": common.build_prompt(stok, task, r), "tp": common.build_prompt(ttok, task, r)})
 print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmbda {args.lmbda}, beta {BETA}, "
       f"vocab {vocab}, backend {backend}, {common.n_params(student) / 1e6:.2f}M student params", flush=True)
+common.note_idle_ranks(args.batch_size, args.gen_batch)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -191,9 +205,10 @@ def teacher_pool():
     else:
         outs = common.generate_by_budget(teacher, ttok, [x["tp"] for x in train], [budget[x["task"]] for x in train],
                                          n=args.teacher_samples, temperature=args.temperature, seed=args.seed, batch_size=256,
-                                         show="teacher samples")
+                                         show="teacher samples", spread=True)
     samples = [{"i": o["i"], "text": o["text"], "ids": o["ids"], "finished": o["finished"]} for o in outs]
-    common.atomic_write_json(path, {"key": key, "samples": samples})
+    if rank == 0:
+        common.atomic_write_json(path, {"key": key, "samples": samples})
     print(f"teacher samples: {len(samples)} in {time.time() - t0:.1f}s", flush=True)
     return samples
 
@@ -215,8 +230,9 @@ def take(order_name, n_items, k, state):
 
 def evaluate():
     """Greedy held-out accuracy per task (and the mean), from the live student."""
-    outs = common.generate_by_budget(student, stok, [x["sp"] for x in test], [budget[x["task"]] for x in test], greedy=True,
-                                     backend=backend, engine=engine, show="eval")
+    with common.unsharded(student):
+        outs = common.generate_by_budget(student, stok, [x["sp"] for x in test], [budget[x["task"]] for x in test], greedy=True,
+                                         backend=backend, engine=engine, show="eval", spread=True, batch_size=args.gen_batch)
     acc = {}
     for task in args.tasks:
         g = [common.grade(task, o["text"], test[o["i"]]["row"], o["finished"]) for o in outs if test[o["i"]]["task"] == task]
@@ -231,13 +247,23 @@ def save_ckpt(meta):
     """ckpt/: the trainable weights (all of them, or the LoRA adapter), optimizer and meta (step, RNG,
     cursors, band history) as they were at the start of step meta["step"] + 1 (common.save_checkpoint:
     atomic, the previous checkpoint kept until this one is whole)."""
-    weights = {n: q.detach().cpu() for n, q in student.named_parameters() if q.requires_grad}
-    common.save_checkpoint(ckpt_dir, weights, opt.state_dict(), meta)
+    if world > 1:  # gathered on rank 0 in the one-process format: resumes on any number of ranks
+        weights, optim = common.gather_full_state(student, opt)
+    else:
+        weights, optim = {n: q.detach().cpu() for n, q in student.named_parameters() if q.requires_grad}, opt.state_dict()
+    if rank == 0:
+        common.save_checkpoint(ckpt_dir, weights, optim, meta)
 
 
 def save_model():
     """model/: a plain HF folder (LoRA merged) with the student's tokenizer, loadable by 01/04."""
     m = student.merge_and_unload() if args.lora else student
+    if world > 1:  # the full weights into a plain copy on rank 0
+        sd = common.gather_full_model(student)
+        if rank:
+            return
+        m = common.load_model(args.student, "cpu", dtype=torch.float32)
+        m.load_state_dict(sd)
 
     def write(d):
         m.save_pretrained(d)
@@ -269,8 +295,11 @@ band = {}  # recent good losses and grad norms (common.band_check): which weight
 start, rng = 0, None
 ck = common.load_checkpoint(ckpt_dir)
 if ck:
-    student.load_state_dict({k: v.to(device) for k, v in ck["weights"].items()}, strict=False)
-    opt.load_state_dict(ck["optimizer"])
+    if world > 1:  # every rank reads the file and keeps its shard
+        common.load_full_state(student, opt, ck["weights"], ck["optimizer"])
+    else:
+        student.load_state_dict({k: v.to(device) for k, v in ck["weights"].items()}, strict=False)
+        opt.load_state_dict(ck["optimizer"])
     lr0 = opt.param_groups[0]["lr"]
     for g in opt.param_groups:  # --lr may differ from the checkpoint's: continuing a diverged run with a smaller step
         g["lr"] = args.lr
@@ -278,11 +307,12 @@ if ck:
     state, start, band, rng = dict(meta["cursor"]), meta["step"], meta["band"], meta["rng"]
     # metrics after the checkpoint belong to a run that was killed: drop them, they will be redone
     rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start] if os.path.exists(metrics_path) else []
-    common.write_jsonl(metrics_path, rows)
+    if rank == 0:
+        common.write_jsonl(metrics_path, rows)
     print(f"resumed from {ck['file']} at step {start}" + (f" with --lr {args.lr} (it trained with {lr0})" if lr0 != args.lr else ""),
           flush=True)
     del ck
-elif os.path.exists(metrics_path):
+elif os.path.exists(metrics_path) and rank == 0:
     os.remove(metrics_path)
 
 pool = teacher_pool() if args.lmbda < 1 else []
@@ -302,7 +332,8 @@ if "acc_before" not in summary:
     t0 = time.time()
     acc0, per0 = evaluate()
     summary = {"method": args.method, "teacher": args.teacher, "student": args.student, "acc_before": per0, "acc_before_mean": acc0}
-    common.atomic_write_json(summary_path, summary)
+    if rank == 0:
+        common.atomic_write_json(summary_path, summary)
     print(f"step 0 | acc {'n/a' if acc0 is None else f'{acc0:.3f}'} {per0} | eval {time.time() - t0:.1f}s", flush=True)
 
 # ----------------------------------------------------------------------------- loop
@@ -323,11 +354,15 @@ for step in range(start + 1, args.steps + 1):
     onpolicy = random.Random(common.derive_seed(args.seed, "coin", step)).random() < args.lmbda
     if onpolicy:
         items = [train[i] for i in take("prompt_cursor", len(train), args.batch_size, state)]
-        comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
-                                          temperature=args.temperature, seed=common.derive_seed(args.seed, "student_samples", step), backend=backend, engine=engine)
+        with common.unsharded(student):
+            comps = common.generate_by_budget(student, stok, [x["sp"] for x in items], [budget[x["task"]] for x in items],
+                                              temperature=args.temperature, seed=common.derive_seed(args.seed, "student_samples", step),
+                                              backend=backend, engine=engine, batch_size=args.gen_batch, spread=True)
     else:
         comps = [pool[i] for i in take("sample_cursor", len(pool), args.batch_size, state)]
         items = [train[c["i"]] for c in comps]
+    mine = common.rank_slice(args.batch_size)  # torchrun: this rank's rows of the global batch (one process: all)
+    items, comps = items[mine], comps[mine]
     student.train()
     phase[:] = [f"step {step}/{args.steps}: loss and backward over {len(items)} sequences", time.time()]
     opt.zero_grad(set_to_none=True)
@@ -335,8 +370,8 @@ for step in range(start + 1, args.steps + 1):
     # contributes its token-loss sum / that count, so accumulating the parts' gradients is exact
     mb = args.micro_batch or len(items)
     parts = [batch_tensors(items[a:a + mb], comps[a:a + mb]) for a in range(0, len(items), mb)]
-    n_tok = max(sum(int(cm.sum()) for _, _, cm in parts), 1)
-    mean_len, loss = n_tok / len(items), 0.0
+    n_tok = max(int(common.all_sum(sum(int(cm.sum()) for _, _, cm in parts))), 1)  # the whole batch's, over the ranks
+    mean_len, loss = n_tok / args.batch_size, 0.0
     for ids, am, cm in parts:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             part = token_loss_sum(ids, am, cm) / n_tok
@@ -345,7 +380,9 @@ for step in range(start + 1, args.steps + 1):
                             f"{mean_len:.1f}, lr {args.lr}{', no --grad_clip' if args.grad_clip <= 0 else ''})", ckpt_dir, good_step, args.lr)
         part.backward()
         loss += part.item()
+    loss = common.all_sum(loss)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor, the global norm
     kind = "on" if onpolicy else "off"  # on- and off-policy losses differ in scale: each kind has its own band
     bad = common.band_check({f"loss_{kind}": loss, f"grad_norm_{kind}": gnorm.item()}, band)
     if not torch.isfinite(gnorm):
@@ -369,7 +406,8 @@ for step in range(start + 1, args.steps + 1):
     el = time.time() - t_loop
     row["seconds"] = time.time() - t0
     row["eta"] = el / (step - start) * (args.steps - step)
-    common.append_jsonl(metrics_path, row)
+    if rank == 0:
+        common.append_jsonl(metrics_path, row)
     acc_s = f" | acc {row['acc']:.3f}" if row.get("acc") is not None else ""
     kl_s = f" | kl {row['kl']:.4f}" if row["kl"] is not None else ""
     print(f"step {step}/{args.steps} | loss {row['loss']:.4f}{kl_s} | len {mean_len:.1f} | {'on' if onpolicy else 'off'}"
@@ -377,6 +415,10 @@ for step in range(start + 1, args.steps + 1):
     if step == args.steps and not bad:  # the final weights (nothing scores them): kept unless this step left the band
         save_ckpt({"step": step, "rng": common.rng_state(), "cursor": dict(state), "band": band})
         good_step = step
+    if args.stop_after and args.stop_after <= step < args.steps:
+        print(f"stopping after step {step} (--stop_after), as if killed; rerun to resume", flush=True)
+        common.dist_teardown()
+        sys.exit(0)
 if good_step < args.steps:
     print(f"warning: the last steps left the band of the good ones (see in_band in metrics.jsonl); model/ holds the final "
           f"weights, {ckpt_dir} keeps step {good_step or 'none'}: {common.rerun_command(lr=f'{args.lr / 10:g}')} continues from it",
@@ -385,9 +427,12 @@ if good_step < args.steps:
 stop_beat()
 
 # ----------------------------------------------------------------------------- outputs
+common.barrier()  # torchrun: rank 0 has written metrics.jsonl, which every rank reads next
 last = common.read_jsonl(metrics_path)[-1] if os.path.exists(metrics_path) and os.path.getsize(metrics_path) else {}
 acc1, per1 = (last["acc"], last["acc_tasks"]) if last.get("step") == args.steps and "acc" in last else evaluate()
 summary.update({"steps": args.steps, "acc_after": per1, "acc_after_mean": acc1, "wall_s": time.time() - t_start})
-common.atomic_write_json(summary_path, summary)
+if rank == 0:
+    common.atomic_write_json(summary_path, summary)
 save_model()  # last: model/config.json is run_all.sh's "stage done" file
 print(f"done: acc {summary['acc_before_mean']} -> {acc1} {per1} | {common.fmt_secs(summary['wall_s'])} | {args.out_dir}/model", flush=True)
+common.dist_teardown()

