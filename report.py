@@ -331,8 +331,9 @@ for t in sorted({r["task"] for r in t3}):
                f"{a['misled_cd']:.3f} -> {'yes' if a['misled_cd'] < a['student'] else 'no'} ({pd(cd('misled_cd'), 'student')})")
     for m, name, c in (("misled_ood", "misled_ood", "rkl_ood"), ("misled_cd", cd("misled_cd"), rkl_cd)):  # same distillation, original teacher
         if acc(t3, c, t) is not None:
-            out.append(f"  - {name} below its control {c} (same distillation, original teacher): {a[m]:.3f} vs {acc(t3, c, t):.3f} -> "
-                       f"{'yes' if a[m] < acc(t3, c, t) else 'no'} ({pd(name, c)})")
+            below = paired(name, c, t)  # below the control means beyond noise: the guard, not forgetting
+            out.append(f"  - {name} below its control {c} beyond noise (same distillation, original teacher): {a[m]:.3f} vs "
+                       f"{acc(t3, c, t):.3f} -> {'yes' if below and below[1][1] < 0 else 'no'} ({pd(name, c)})")
 # Table 4 (paper 6.4): distillable teachers lower token RKL and the wrong-trace preference, undistillable ones raise both
 by01 = {v: {r["task"]: r for r in rows} for v, rows in t1.items()}
 for t in tasks:

@@ -62,4 +62,4 @@ def test_table3_checks_find_task_suffixed_cd_students(tmp_path):
     for t in ("csqa", "mmlu_pro"):
         line = next(x for x in rep.splitlines() if x.startswith(f"- Table 3, {t}:"))
         assert "misled (CD) below the student: 0.000 -> yes (paired difference -0.500 [-0.500, -0.500], beyond noise)" in line
-        assert f"  - misled_cd_{t} below its control rkl_cd_{t} (same distillation, original teacher): 0.000 vs 0.500 -> yes" in rep
+        assert f"  - misled_cd_{t} below its control rkl_cd_{t} beyond noise (same distillation, original teacher): 0.000 vs 0.500 -> yes" in rep
