@@ -133,7 +133,7 @@ def char_tokenizer():
 
 
 def toy_setup():
-    """Tokenizer A, student (Llama h128/l2), teacher (h256/l4), prompts. The trained toy world if runs/toy
+    """Tokenizer A, student (Llama h128/l2), teacher (h192/l4), prompts. The trained toy world if runs/toy
     has one; else random-weight Llamas with 00_toy_world.py's configs (a step's cost depends on shapes,
     not weights) and the tokenizer of any toy world here, or the tests' char tokenizer."""
     import glob
@@ -154,7 +154,7 @@ def toy_setup():
             vocab_size=len(tok), hidden_size=h, num_hidden_layers=layers, intermediate_size=int(h * 8 / 3) // 8 * 8,
             num_attention_heads=max(2, h // 64), num_key_value_heads=max(2, h // 64), max_position_embeddings=512,
             tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    return tok, llama(128, 2, 1).train(), llama(256, 4, 2).eval().requires_grad_(False), data
+    return tok, llama(128, 2, 1).train(), llama(192, 4, 2).eval().requires_grad_(False), data
 
 
 def timed(fn, i):
