@@ -444,7 +444,8 @@ fi
 barrier
 }
 PLAN=1; pipeline; PLAN=0
-T_RUN=$(date +%s); N_RAN=$(wc -l < "$R/times.tsv" 2>/dev/null || echo 0)
+ran() { if [ -f "$R/times.tsv" ]; then wc -l < "$R/times.tsv"; else echo 0; fi; }  # stages timed so far
+T_RUN=$(date +%s); N_RAN=$(ran)
 if [ -n "$REDO" ] && [[ " ${STAGES[*]} " != *" $REDO "* ]]; then
   echo "error: REDO=$REDO is not a stage of this run; its stages: ${STAGES[*]}" >&2; exit 2
 fi
@@ -452,6 +453,6 @@ pipeline
 
 # ----------------------------------------------------------------------------- report
 printf '{"seconds": %d, "jobs": %d, "stages_run": %d}\n' "$(( $(date +%s) - T_RUN ))" "$JOBS" \
-  "$(( $(wc -l < "$R/times.tsv" 2>/dev/null || echo 0) - N_RAN ))" > "$R/wall.json.tmp" && mv "$R/wall.json.tmp" "$R/wall.json"
+  "$(( $(ran) - N_RAN ))" > "$R/wall.json.tmp" && mv "$R/wall.json.tmp" "$R/wall.json"
 $PY report.py --run "$R"
 echo "done: $R/REPORT.md"

@@ -335,12 +335,12 @@ def test_a_corrupt_finished_stage_is_redone_and_report_names_it(smoke_run):
     line = one_error_line(run(sys.executable, "report.py", "--run", path))
     assert summ in line and "damaged" in line, line
     assert open(os.path.join(path, "REPORT.md")).read() == report
-    others = tree(path, skip=("02_calibrate/distillable", "times.tsv", "REPORT.md", ".lock"))
+    others = tree(path, skip=("02_calibrate/distillable", "times.tsv", "REPORT.md", ".lock", "wall.json"))
     r = run("bash", "run_all.sh", env={"SMOKE": "1", "RUN": name})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"== 02_calibrate_distillable (redo: {os.path.relpath(summ, ROOT)} does not parse" in r.stdout, r.stdout
     assert json.load(open(summ)) == json.loads(text)
-    assert tree(path, skip=("02_calibrate/distillable", "times.tsv", "REPORT.md", ".lock")) == others
+    assert tree(path, skip=("02_calibrate/distillable", "times.tsv", "REPORT.md", ".lock", "wall.json")) == others
 
 
 def test_a_model_folder_without_weights_is_one_line_naming_the_fix(world, tmp_path):
@@ -356,12 +356,12 @@ def test_a_deleted_model_file_makes_run_all_redo_stage_00(smoke_run):
     name, path = smoke_run
     w = os.path.join(path, "00_toy_world", "teacher", "model.safetensors")
     os.remove(w)
-    others = tree(path, skip=("00_toy_world", "times.tsv", "REPORT.md", ".lock"))
+    others = tree(path, skip=("00_toy_world", "times.tsv", "REPORT.md", ".lock", "wall.json"))
     r = run("bash", "run_all.sh", env={"SMOKE": "1", "RUN": name})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "== 00_toy_world (redo: " in r.stdout and "teacher has no weights file" in r.stdout, r.stdout
     assert os.path.exists(w) and common.load_model(os.path.dirname(w), "cpu") is not None
-    assert tree(path, skip=("00_toy_world", "times.tsv", "REPORT.md", ".lock")) == others
+    assert tree(path, skip=("00_toy_world", "times.tsv", "REPORT.md", ".lock", "wall.json")) == others
 
 
 def test_redo_one_stage_redoes_the_stages_that_read_its_outputs_and_no_others(smoke_run):
