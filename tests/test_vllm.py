@@ -170,6 +170,14 @@ def test_weight_push_of_a_lora_model_is_its_merge(setup, tok):
 
 
 def test_a_request_longer_than_the_engine_stops_clearly(setup, tok):
+    """A request that does not fit an engine sized below the model's context window stops with one line (vLLM
+    would cut it silently). Within the window a budget is capped at what the window leaves, as the HF sampler
+    stops a row whose window is full: this engine's max_model_len is the model's window (512)."""
     engine, _, prompts = setup
-    with pytest.raises(C.BadInput):
-        C.generate(None, tok, prompts, max_new_tokens=512, backend="vllm", engine=engine)
+    limit = engine.tg_max_model_len
+    engine.tg_max_model_len = 256  # as if built with max_model_len=256
+    try:
+        with pytest.raises(C.BadInput):
+            C.generate(None, tok, prompts, max_new_tokens=512, backend="vllm", engine=engine)
+    finally:
+        engine.tg_max_model_len = limit
