@@ -46,3 +46,18 @@ def tiny_dirs(tmp_path_factory, tok):
         m.save_pretrained(root / name)
         t.save_pretrained(root / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def two_task_data(tiny_dirs):
+    """A two-task data folder in the toy world's layout (toy_math: '####' answers, toy_qa: letters), shared by
+    the distillation and multi-rank tests."""
+    import common
+    d = tiny_dirs / "two_task_data"
+    rows = {"toy_math": [{"prompt": f"Ana has {i} pens and gets {i + 1} more. How many?", "answer": str(2 * i + 1)} for i in range(8)],
+            "toy_qa": [{"prompt": f"Colour of flag {i}? A) red B) blue", "answer": "AB"[i % 2], "choices": ["red", "blue"]} for i in range(8)]}
+    for task, rs in rows.items():
+        os.makedirs(d / task, exist_ok=True)
+        for split in ("train", "test"):
+            common.write_jsonl(str(d / task / f"{split}.jsonl"), rs)
+    return d

@@ -19,16 +19,8 @@ SMALL = ["--steps", "1", "--max_new_tokens", "6", "--n_prompts", "3", "--teacher
 
 
 @pytest.fixture(scope="module")
-def data(tiny_dirs):
-    """A two-task data folder in the toy world's layout (toy_math: '####' answers, toy_qa: letters)."""
-    d = tiny_dirs / "distill_data"
-    rows = {"toy_math": [{"prompt": f"Ana has {i} pens and gets {i + 1} more. How many?", "answer": str(2 * i + 1)} for i in range(8)],
-            "toy_qa": [{"prompt": f"Colour of flag {i}? A) red B) blue", "answer": "AB"[i % 2], "choices": ["red", "blue"]} for i in range(8)]}
-    for task, rs in rows.items():
-        os.makedirs(d / task, exist_ok=True)
-        for split in ("train", "test"):
-            common.write_jsonl(str(d / task / f"{split}.jsonl"), rs)
-    return d
+def data(two_task_data):
+    return two_task_data
 
 
 def run(tiny_dirs, data, out, *extra, teacher="teacher", check=True):

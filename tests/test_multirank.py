@@ -19,15 +19,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def data(tiny_dirs):
-    d = tiny_dirs / "multirank_data"
-    rows = {"toy_math": [{"prompt": f"Ana has {i} pens and gets {i + 1} more. How many?", "answer": str(2 * i + 1)} for i in range(8)],
-            "toy_qa": [{"prompt": f"Colour of flag {i}? A) red B) blue", "answer": "AB"[i % 2], "choices": ["red", "blue"]} for i in range(8)]}
-    for task, rs in rows.items():
-        os.makedirs(d / task, exist_ok=True)
-        for split in ("train", "test"):
-            common.write_jsonl(str(d / task / f"{split}.jsonl"), rs)
-    return d
+def data(two_task_data):
+    return two_task_data
 
 
 def launch(script, args, nproc=1, check=True):
