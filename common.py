@@ -1678,7 +1678,11 @@ def cli_errors():
             return sys.__excepthook__(kind, err, tb)
         sys.stdout.flush()
         rank, ws = world()
-        print(line.replace("error: ", f"error: rank {rank}/{ws}: ", 1) if ws > 1 else line, file=sys.stderr, flush=True)
+        line = line.replace("error: ", f"error: rank {rank}/{ws}: ", 1) if ws > 1 else line
+        sys.stderr.flush()
+        # one write(2) of the whole line: ranks that fail together cannot interleave their lines
+        # (print() writes the text and the newline separately)
+        os.write(2, (line + "\n").encode())
         os._exit(2)  # an excepthook cannot choose the exit status otherwise (the interpreter would use 1)
     sys.excepthook = hook
 
