@@ -316,59 +316,7 @@ def encode(tok, task, row):
     return p_ids, {s: tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s, c in row["meta"]["reference"].items()}
 
 
-def draw_style(g, task, fits=("E", "H", "H2")):
-    """A completion style with the corpus's mix: direct E, checked H, or (toy_math) checked twice H2; one that
-    does not fit the model's window falls back to the next shorter style."""
-    st = "E" if g.random() >= args.checked_frac else "H2" if task == "toy_math" and g.random() < args.again_frac else "H"
-    while st not in fits:
-        st = {"H2": "H", "H": "E"}[st]
-    return st
-
-
 # ----------------------------------------------------------------------------- training
-def batches(items, bs, steps, seed):
-    """Batches of (row index, style). Every epoch each row gets a fresh style, so no prompt is tied to one style.
-    Each step holds the corpus's mix of direct and checked completions as two halves, each sorted by length inside
-    chunks of 16 half-batches (little padding): length-bucketed whole batches would be all direct or all checked,
-    and the first token's style probability would swing with the last few batches instead of learning the mix."""
-    n_h = round(bs * args.checked_frac)
-    sizes = {"E": bs - n_h, "H": n_h}
-    if len(items) < 2 * bs:  # no full batch in an epoch: the loop below would never end
-        common.die(f"--batch_size {bs} is more than half the {len(items)} training rows; lower it or make more data")
-    g, out = random.Random(seed), []
-    while len(out) < steps:
-        pools = {"E": [], "H": []}
-        for i, (task, _, styles) in enumerate(items):
-            st = draw_style(g, task, styles)
-            pools["E" if st == "E" else "H"].append((i, st))
-        halves = {}
-        for k, pool in pools.items():
-            n, hb = sizes[k], []
-            g.shuffle(pool)
-            for c in range(0, len(pool), max(n, 1) * 16):
-                part = sorted(pool[c:c + n * 16], key=lambda x: len(items[x[0]][1]) + len(items[x[0]][2][x[1]]))
-                hb += [part[j:j + n] for j in range(0, len(part), n) if len(part[j:j + n]) == n] if n else []
-            g.shuffle(hb)
-            halves[k] = hb
-        m = min(len(halves[k]) for k in sizes if sizes[k]) if any(sizes.values()) else 0
-        out += [[halves[k][i] if sizes[k] else [] for k in ("E", "H")] for i in range(m)]
-    return out[:steps]
-
-
-def collate(items, part, pad_id):
-    """part: [(row index, style)] -> input ids, targets (-100 off the completion), attention mask."""
-    seqs = [(items[i][1], items[i][2][st]) for i, st in part]
-    L = max(len(p_) + len(c) for p_, c in seqs)
-    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), L), -100, dtype=torch.long)  # loss on completion tokens only
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, (p_ids, c_ids) in enumerate(seqs):
-        s_ = p_ids + c_ids
-        x[b, :len(s_)], att[b, :len(s_)] = torch.tensor(s_), 1
-        y[b, len(p_ids):len(s_)] = torch.tensor(c_ids)
-    return x, y, att
-
-
 def train_model(role, tok, hidden, layers, steps, lr):
     torch.manual_seed(common.derive_seed(args.seed, "init", role))  # own init per role
     ctx = 512 if role == "teacher" else args.small_ctx
@@ -388,16 +336,19 @@ def train_model(role, tok, hidden, layers, steps, lr):
     items = [(t_, p_, {s_: c for s_, c in cs.items() if len(p_) + len(c) <= ctx}) for t_, p_, cs in items]
     # a constant divisor, not each batch's token count: see the docstring (length-bucketed batches)
     g_ = random.Random(0)
-    norm = args.batch_size * sum(len(c[draw_style(g_, t, c)]) for t, _, c in items) / len(items)
+    norm = args.batch_size * sum(len(c[common.draw_style(g_, t, args.checked_frac, args.again_frac, c)])
+                                 for t, _, c in items) / len(items)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = lambda s: min(1, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     t, ntok, lsum, ltok = time.time(), 0, 0.0, 0
-    for step, halves in enumerate(batches(items, args.batch_size, steps, common.derive_seed(args.seed, "batches", role))):
+    batches = common.style_mix_batches(items, args.batch_size, steps, common.derive_seed(args.seed, "batches", role),
+                                       args.checked_frac, args.again_frac)
+    for step, halves in enumerate(batches):
         for gr in opt.param_groups:
             gr["lr"] = lr * sched(step)
         for part in (h for h in halves if h):  # the direct and the checked half, each padded to its own length
-            x, y, att = collate(items, part, tok.pad_token_id)
+            x, y, att = common.lm_batch([(items[i][1], items[i][2][st]) for i, st in part], tok.pad_token_id)
             logits = model(input_ids=x, attention_mask=att).logits  # (b, T, V)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100, reduction="sum")
             (nll / norm).backward()
@@ -426,35 +377,20 @@ def greedy_acc(model, tok):
 
 
 def gate(model, tok):
-    """Per task: strict sampled accuracy (T=1) with each style forced by appending its opener to the prompt
-    (H: the whole first line; E: the first token of the row's direct reference), free sampling with its share
-    of checked completions and length, and P(first token opens the checked style)."""
+    """Per task: strict sampled accuracy (T=1) with each style forced (H: the whole first line; E: the first
+    token of the row's direct reference), free sampling, and P(first token opens the checked style)."""
     out = {}
     for task, (_, te) in DATA.items():
-        rows, k, budget = te[:args.n_gate], args.gate_samples, 32 if args.smoke else common.TASKS[task]["max_new_tokens"]
-        base = [common.build_prompt(tok, task, r) for r in rows]
-        opener = {"free": [""] * len(rows), "H": [OPENER[task] + "\n"] * len(rows),
-                  "E": [tok.decode(tok(r["meta"]["reference"]["E"], add_special_tokens=False)["input_ids"][:1]) for r in rows]}
-        res = {}
-        for mode, ops in opener.items():
-            outs = common.generate(model, tok, [b + o for b, o in zip(base, ops)], n=k, max_new_tokens=budget, temperature=1.0,
-                                   seed=common.derive_seed(args.seed, "gate", task, mode), batch_size=args.eval_batch)
-            texts = [ops[o["i"]] + o["text"] for o in outs]
-            ok = [bool(common.grade(task, t_, rows[o["i"]], o["finished"])) for t_, o in zip(texts, outs)]
-            res[mode] = {"acc": round(sum(ok) / len(ok), 4), "finished": round(sum(o["finished"] for o in outs) / len(outs), 4),
-                         "len": round(sum(len(o["ids"]) for o in outs) / len(outs), 1)}
-            if mode == "free":
-                res[mode]["checked_share"] = round(sum(common.opens_with_check(t_) for t_ in texts) / len(texts), 4)
-        first = tok(OPENER[task], add_special_tokens=False)["input_ids"][0]
-        enc = tok(base, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        with torch.no_grad():
-            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            last = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos, logits_to_keep=1).logits[:, -1]
-        res["p_first_checked"] = round(torch.softmax(last.float(), -1)[:, first].mean().item(), 4)
+        rows = te[:args.n_gate]
+        openers = {"free": [""] * len(rows), "H": [OPENER[task] + "\n"] * len(rows),
+                   "E": [tok.decode(tok(r["meta"]["reference"]["E"], add_special_tokens=False)["input_ids"][:1]) for r in rows]}
+        out[task] = common.style_gate(model, tok, task, rows, openers, OPENER[task], k=args.gate_samples,
+                                      max_new_tokens=32 if args.smoke else common.TASKS[task]["max_new_tokens"],
+                                      seeds={m: common.derive_seed(args.seed, "gate", task, m) for m in openers},
+                                      batch_size=args.eval_batch)
         if task == "toy_qa" and KNOWS:  # the knowledge gap: accuracy on countries the student saw vs not
             seen_ = [r["meta"]["entity"] in KNOWS["student"] for r in rows]
-            res["student_countries_share"] = round(sum(seen_) / len(seen_), 4)
-        out[task] = res
+            out[task]["student_countries_share"] = round(sum(seen_) / len(seen_), 4)
     return out
 
 

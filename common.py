@@ -10,9 +10,10 @@ Contents, in this order:
   RL                     group normalization, calibration reward and loss, K3 anchor (paper 5.2, Algorithm 1)
   metrics                bootstrap_ci, maj_at_k, pass_at_k, wrong_trace_preference, forking_share
   batching for scoring   prompt + completion, right-padded (make_batch, make_text_batch)
+  batching for the world style-mixed pretraining batches for stage 00 (draw_style, style_mix_batches, lm_batch)
   failure modes          repetition loops, self-check flips, format drift, ... (paper 6.5)
   tasks and grading      TASKS (budgets), load_task, build_prompt, extract_answer, grade (strict / lenient)
-  generation             the batched KV-cached HF sampler and generate() for both backends
+  generation             the batched KV-cached HF sampler, generate() for both backends, style_gate
   vLLM engines           one in-process engine at a time, LoRA per request, weight push
   models                 load_model, load_tokenizer, model_stamp
   reward model           scores for open-ended tasks (stage 04)
@@ -497,6 +498,65 @@ def make_text_batch(tokenizer, prompt_texts, completion_texts, eos=True, device=
     end = turn_end_id(tokenizer)
     comp = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([end] if e else []) for t, e in zip(completion_texts, eos)]
     return make_batch(tokenizer, prompt_texts, comp, device)
+
+
+# -----------------------------------------------------------------------------
+# batching for pretraining the toy world (stage 00): a mix of solution styles in every batch
+
+
+def draw_style(g, task, checked_frac, again_frac, fits=("E", "H", "H2")):
+    """One completion style with the corpus's mix: direct E with P 1 - checked_frac, checked H, and (toy_math
+    only) checked twice H2 with P checked_frac * again_frac. A style not in `fits` (it does not fit the
+    model's window) falls back to the next shorter one. g: random.Random; two draws per call."""
+    st = "E" if g.random() >= checked_frac else "H2" if task == "toy_math" and g.random() < again_frac else "H"
+    while st not in fits:
+        st = {"H2": "H", "H": "E"}[st]
+    return st
+
+
+def style_mix_batches(items, bs, steps, seed, checked_frac, again_frac):
+    """items: [(task, prompt ids, {style: completion ids})] -> `steps` batches, each [direct half, checked
+    half] of (item index, style), round(bs * checked_frac) checked. Every epoch each item gets a fresh
+    style (draw_style), so no prompt is tied to one style. Each half is sorted by length inside chunks of
+    16 half-batches (little padding). Why halves: length-bucketed whole batches would be all direct or all
+    checked, and the first token's style probability would swing with the last few batches instead of
+    learning the mix."""
+    n_h = round(bs * checked_frac)
+    sizes = {"E": bs - n_h, "H": n_h}
+    if len(items) < 2 * bs:  # no full batch in an epoch: the loop below would never end
+        die(f"--batch_size {bs} is more than half the {len(items)} training rows; lower it or make more data")
+    g, out = random.Random(seed), []
+    while len(out) < steps:
+        pools = {"E": [], "H": []}
+        for i, (task, _, styles) in enumerate(items):
+            st = draw_style(g, task, checked_frac, again_frac, styles)
+            pools["E" if st == "E" else "H"].append((i, st))
+        halves = {}
+        for k, pool in pools.items():
+            n, hb = sizes[k], []
+            g.shuffle(pool)
+            for c in range(0, len(pool), max(n, 1) * 16):
+                part = sorted(pool[c:c + n * 16], key=lambda x: len(items[x[0]][1]) + len(items[x[0]][2][x[1]]))
+                hb += [part[j:j + n] for j in range(0, len(part), n) if len(part[j:j + n]) == n] if n else []
+            g.shuffle(hb)
+            halves[k] = hb
+        m = min(len(halves[k]) for k in sizes if sizes[k]) if any(sizes.values()) else 0
+        out += [[halves[k][i] if sizes[k] else [] for k in ("E", "H")] for i in range(m)]
+    return out[:steps]
+
+
+def lm_batch(seqs, pad_id):
+    """seqs: [(prompt ids, completion ids)] -> input ids (B, L) right-padded with pad_id, targets (B, L)
+    with -100 off the completion (loss on completion tokens only), attention mask (B, L)."""
+    L = max(len(p) + len(c) for p, c in seqs)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), L), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, (p_ids, c_ids) in enumerate(seqs):
+        s = p_ids + c_ids
+        x[b, :len(s)], att[b, :len(s)] = torch.tensor(s), 1
+        y[b, len(p_ids):len(s)] = torch.tensor(c_ids)
+    return x, y, att
 
 
 # -----------------------------------------------------------------------------
@@ -1252,6 +1312,34 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
             c_ids = list(c.token_ids)
             res.append({"i": i, "text": tokenizer.decode(c_ids, skip_special_tokens=True), "ids": c_ids,
                         "finished": c.finish_reason == "stop"})
+    return res
+
+
+def style_gate(model, tokenizer, task, rows, openers, check_opener, k, max_new_tokens, seeds, batch_size=64):
+    """Does a model handle each solution style? openers: {mode: [text appended to each row's prompt]}
+    ("" = free sampling; a style's opener forces that style). Per mode: strict sampled accuracy (T=1, k
+    per row) of opener + completion, the finished share and the mean completion length; for "free" also
+    the share that opens with a self-check. p_first_checked: the mean probability that the first
+    completion token is check_opener's first token. seeds: {mode: sampling seed}. The toy world's gate
+    (stage 00), so anyone can check the world has its property before anything is calibrated."""
+    base = [build_prompt(tokenizer, task, r) for r in rows]
+    res = {}
+    for mode, ops in openers.items():
+        outs = generate(model, tokenizer, [b + o for b, o in zip(base, ops)], n=k, max_new_tokens=max_new_tokens,
+                        temperature=1.0, seed=seeds[mode], batch_size=batch_size)
+        texts = [ops[o["i"]] + o["text"] for o in outs]
+        ok = [bool(grade(task, t, rows[o["i"]], o["finished"])) for t, o in zip(texts, outs)]
+        res[mode] = {"acc": round(sum(ok) / len(ok), 4), "finished": round(sum(o["finished"] for o in outs) / len(outs), 4),
+                     "len": round(sum(len(o["ids"]) for o in outs) / len(outs), 1)}
+        if mode == "free":
+            res[mode]["checked_share"] = round(sum(opens_with_check(t) for t in texts) / len(texts), 4)
+    first = tokenizer(check_opener, add_special_tokens=False)["input_ids"][0]
+    enc = tokenizer(base, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        last = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
+                     logits_to_keep=1).logits[:, -1]  # (P, V)
+    res["p_first_checked"] = round(torch.softmax(last.float(), -1)[:, first].mean().item(), 4)
     return res
 
 

@@ -159,3 +159,82 @@ def test_bad_settings_stop_with_one_line_and_no_done_file(tmp_path):
     (tmp_path / "afile").write_text("")
     r = subprocess.run([sys.executable, SCRIPT, "--out_dir", str(tmp_path / "afile"), "--smoke"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the world's batching and gate (common.py)
+def test_draw_style_follows_the_corpus_mix_and_falls_back_to_what_fits():
+    """P(E) = 1 - c, P(H2) = c * a on toy_math (no H2 on toy_qa), P(H) the rest; a style that does not fit
+    the window becomes the next shorter one. 20,000 draws: a share's standard error is below 0.004."""
+    import random
+    from collections import Counter
+    c, a, n = 0.5, 0.3, 20000
+
+    def shares(task, fits=("E", "H", "H2")):
+        g = random.Random(0)
+        cnt = Counter(common.draw_style(g, task, c, a, fits) for _ in range(n))
+        return {s: cnt[s] / n for s in ("E", "H", "H2")}
+    want = {"E": 1 - c, "H": c * (1 - a), "H2": c * a}
+    for s, p in shares("toy_math").items():
+        assert abs(p - want[s]) < 0.016, (s, p, want[s])
+    qa = shares("toy_qa")
+    assert qa["H2"] == 0 and abs(qa["H"] - c) < 0.016
+    no_h2 = shares("toy_math", ("E", "H"))
+    assert no_h2["H2"] == 0 and abs(no_h2["H"] - c) < 0.016
+    assert shares("toy_math", ("E",))["E"] == 1.0
+
+
+def test_style_mix_batches_hold_the_mix_in_every_batch():
+    """Every batch: bs - round(bs c) direct and round(bs c) checked rows, distinct rows within a half, each
+    row in a style its completions include; a function of the seed; too few rows for one batch is refused."""
+    import random
+    g = random.Random(1)
+    items = [("toy_math" if i % 2 else "toy_qa", [1] * g.randint(3, 9),
+              {"E": [2] * g.randint(2, 5), "H": [3] * g.randint(6, 12)} | ({"H2": [4] * 20} if i % 3 else {}))
+             for i in range(60)]
+    items += [("toy_math", [1, 1], {"E": [2, 2]})] * 4  # rows with only the direct style (the rest did not fit)
+    bs, steps = 8, 25
+    out = common.style_mix_batches(items, bs, steps, seed=5, checked_frac=0.25, again_frac=0.5)
+    assert len(out) == steps
+    for direct, checked in out:
+        assert len(direct) == 6 and len(checked) == 2
+        assert all(st == "E" for _, st in direct) and all(st in ("H", "H2") for _, st in checked)
+        for half in (direct, checked):
+            assert len({i for i, _ in half}) == len(half)
+            assert all(st in items[i][2] for i, st in half)
+    assert out == common.style_mix_batches(items, bs, steps, seed=5, checked_frac=0.25, again_frac=0.5)
+    assert out != common.style_mix_batches(items, bs, steps, seed=6, checked_frac=0.25, again_frac=0.5)
+    with pytest.raises(common.BadInput, match="--batch_size 40 is more than half"):
+        common.style_mix_batches(items, 40, 1, seed=0, checked_frac=0.5, again_frac=0.3)
+
+
+def test_lm_batch_trains_on_completion_tokens_only():
+    x, y, att = common.lm_batch([([5, 6], [7, 8, 9]), ([5], [7])], pad_id=0)
+    assert x.tolist() == [[5, 6, 7, 8, 9], [5, 7, 0, 0, 0]]
+    assert y.tolist() == [[-100, -100, 7, 8, 9], [-100, 7, -100, -100, -100]]
+    assert att.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_style_gate_reports_what_its_samples_and_first_token_say(tok):
+    """p_first_checked equals the softmax of each prompt's last logits computed alone (no padding), and each
+    mode's length and finished share are those of generate() with that mode's seed on prompt + opener."""
+    import torch
+    from conftest import tiny_llama
+    model = tiny_llama(len(tok), 32, 2, seed=4, tok=tok)
+    rows = [{"prompt": "1+2?", "answer": "3"}, {"prompt": "What is 12 - 5, written out?", "answer": "7"}]
+    openers = {"free": ["", ""], "H": ["Let me check\n"] * 2}
+    seeds = {"free": 11, "H": 12}
+    res = common.style_gate(model, tok, "toy_math", rows, openers, "Let me check", k=3, max_new_tokens=12, seeds=seeds)
+    first = tok("Let me check", add_special_tokens=False)["input_ids"][0]
+    p = []
+    for r in rows:
+        ids = tok(common.build_prompt(tok, "toy_math", r), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            p.append(torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[first].item())
+    assert abs(res["p_first_checked"] - round(sum(p) / len(p), 4)) < 1e-4
+    for mode, ops in openers.items():
+        outs = common.generate(model, tok, [common.build_prompt(tok, "toy_math", r) + o for r, o in zip(rows, ops)], n=3,
+                               max_new_tokens=12, temperature=1.0, seed=seeds[mode])
+        assert res[mode]["len"] == round(sum(len(o["ids"]) for o in outs) / len(outs), 1)
+        assert res[mode]["finished"] == round(sum(o["finished"] for o in outs) / len(outs), 4)
+        assert 0 <= res[mode]["acc"] <= res[mode]["finished"]
+    assert 0 <= res["free"]["checked_share"] <= 1 and "checked_share" not in res["H"]
