@@ -11,7 +11,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import char_tokenizer  # noqa: E402  (bench.py uses it too)
+from common import char_tokenizer, checkpoint_file  # noqa: E402  (bench.py uses char_tokenizer too)
+
+
+def kill_at_first_checkpoint(cmd, ckpt_dir, cwd=None):
+    """Start a stage, kill -9 it the moment its first checkpoint is complete (checkpoint_file), and fail the
+    test if it finished before that: a resume test must really resume."""
+    import subprocess
+    import time
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    t0 = time.time()
+    while checkpoint_file(str(ckpt_dir)) is None and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    killed = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
 
 
 def tiny_llama(vocab_size, hidden=32, layers=2, seed=0, tok=None, tied=False):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import kill_at_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,20 +249,12 @@ def test_interrupted_run_resumes_to_identical_weights_and_metrics(full_run, tiny
 def test_kill_9_mid_run_then_rerun_ends_identical(full_run, tiny_dirs, tiny_data, tmp_path):
     """A real kill -9 once the first checkpoint exists (wherever the run then is: mid-step, mid-save), then a
     plain rerun: the same final weights hash and metrics as the uninterrupted run."""
-    import time
     out = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "02_calibrate.py"), "--teacher", str(tiny_dirs / "teacher"),
            "--target", str(tiny_dirs / "target"), "--data", str(tiny_data), "--tasks", "toy_math", "--out_dir", str(out),
            "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "8", "--n_eval", "4", "--lr", "0.01",
            "--lam", "-1", "--save_every", "1", "--backend", "hf", "--device", "cpu", "--steps", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    t0 = time.time()
-    while C.checkpoint_file(str(out / "ckpt")) is None and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.005)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait()
-    assert killed, "the run finished before it could be killed"
+    kill_at_first_checkpoint(cmd, out / "ckpt")
     assert not (out / "summary.json").exists()
     r = _run(tiny_dirs, tiny_data, out, "--steps", "3")
     assert "resumed from" in r.stdout

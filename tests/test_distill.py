@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import kill_at_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "03_distill.py")
@@ -190,20 +191,12 @@ def test_resume_continues_to_identical_weights_and_metrics(tiny_dirs, data, tmp_
 def test_kill_9_mid_run_then_rerun_ends_identical(tiny_dirs, data, tmp_path):
     """A real kill -9 once the first checkpoint exists (mid-step or mid-save, wherever the run is), then the
     same command again: the same final weights hash and metrics as the uninterrupted run."""
-    import time
     base = ["--method", "jsd", "--batch_size", "4", "--save_every", "1", "--lr", "1e-2", "--steps", "6"]
     full, out = tmp_path / "full", tmp_path / "killed"
     run(tiny_dirs, data, full, *base)
     cmd = [sys.executable, SCRIPT, "--teacher", str(tiny_dirs / "teacher"), "--student", str(tiny_dirs / "student"),
            "--data", str(data), "--out_dir", str(out), *SMALL, *base]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    t0 = time.time()
-    while common.checkpoint_file(str(out / "ckpt")) is None and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.005)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait()
-    assert killed, "the run finished before it could be killed"
+    kill_at_first_checkpoint(cmd, out / "ckpt", cwd=ROOT)
     assert not os.path.exists(out / "model")
     r = run(tiny_dirs, data, out, *base)
     assert "resumed from" in r.stdout
