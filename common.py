@@ -13,7 +13,7 @@ Contents, in this order:
   batching for the world style-mixed pretraining batches for stage 00 (draw_style, style_mix_batches, lm_batch)
   failure modes          repetition loops, self-check flips, format drift, ... (paper 6.5)
   tasks and grading      TASKS (budgets), load_task, build_prompt, extract_answer, grade (strict / lenient)
-  generation             the batched KV-cached HF sampler, generate() for both backends, style_gate
+  generation             the batched KV-cached HF sampler, generate() for both backends, style_gate, branch_probs
   vLLM engines           one in-process engine at a time, LoRA per request, weight push
   models                 load_model, load_tokenizer, model_stamp
   reward model           scores for open-ended tasks (stage 04)
@@ -1341,6 +1341,42 @@ def style_gate(model, tokenizer, task, rows, openers, check_opener, k, max_new_t
                      logits_to_keep=1).logits[:, -1]  # (P, V)
     res["p_first_checked"] = round(torch.softmax(last.float(), -1)[:, first].mean().item(), 4)
     return res
+
+
+def branch_probs(model, tokenizer, task, rows, a="H", b="H2", batch_size=64):
+    """Where two reference styles of a row part (toy rows carry meta.reference[style]; H2 = H plus a second
+    verification), which way does a model go? Teacher-forced on the shared prefix of the two tokenized
+    references: the model's probability of a's next token and of b's, at the first token where they differ.
+    Returns (P, 2) probabilities for the rows whose prompt + prefix fits the model's window, and their indices.
+    Why it matters: on-policy reverse KL moves a student's logit k by s_k (log s_k/t_k - KL), so a branch the
+    student gives ~0 probability gets ~0 gradient however much the teacher prefers it."""
+    window = context_window(model)
+    pre, nxt, keep = [], [], []
+    for j, r in enumerate(rows):
+        p = tokenizer(build_prompt(tokenizer, task, r), add_special_tokens=False)["input_ids"]
+        ia, ib = (tokenizer(r["meta"]["reference"][s], add_special_tokens=False)["input_ids"] for s in (a, b))
+        k = next((i for i in range(min(len(ia), len(ib))) if ia[i] != ib[i]), None)
+        if k is None:
+            die(f"row {j}: the {a} and {b} references do not part (one is a prefix of the other)")
+        if window and len(p) + k >= window:
+            continue
+        pre.append(p + ia[:k]); nxt.append((ia[k], ib[k])); keep.append(j)
+    out = []
+    for s in range(0, len(pre), batch_size):
+        chunk = pre[s:s + batch_size]
+        L = max(map(len, chunk))
+        ids = torch.full((len(chunk), L), tokenizer.pad_token_id or 0, dtype=torch.long)
+        att = torch.zeros((len(chunk), L), dtype=torch.long)
+        for i, q in enumerate(chunk):  # left-padded: every row's last position is the fork
+            ids[i, L - len(q):], att[i, L - len(q):] = torch.tensor(q), 1
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            last = model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=(att.cumsum(-1) - 1).clamp(min=0).to(dev),
+                         logits_to_keep=1).logits[:, -1]  # (B, V)
+        pr = torch.softmax(last.float(), -1).cpu()
+        tok_ab = torch.tensor(nxt[s:s + batch_size])  # (B, 2)
+        out.append(pr.gather(1, tok_ab))
+    return (torch.cat(out) if out else torch.zeros((0, 2))), keep
 
 
 # -----------------------------------------------------------------------------

@@ -219,6 +219,17 @@ if t2 and "checked_share" in t2[0]:
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     out.append("")
 
+pb = load("probe/probe.json", {})
+if pb:
+    out += ["## The fork: commit, or verify again? (probe.py)", "",
+            "Where the checked style (H) writes its answer and the checked-twice style (H2) verifies once more, each model's "
+            "probability of committing (`####`) and of verifying again, teacher-forced on the references, mean over the "
+            "toy_math test rows that fit the model's window. H2 never fits the student's window: a student that learns to "
+            "verify again runs out of room. Reverse KL on the student's own samples gives ~0 gradient to a branch the "
+            "student gives ~0 probability.", "",
+            "| model | P(commit) | P(verify again) | rows |", "|---|---:|---:|---:|"]
+    out += [f"| {m} | {f3(r['p_commit'])} | {f3(r['p_verify'])} | {r['n']} |" for m, r in pb.items()] + [""]
+
 
 def acc(rows, model, task, key="acc"):
     for r in rows:

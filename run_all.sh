@@ -429,6 +429,13 @@ stage 05_failure "$F/failure_modes.json $F/failure_modes.md" "$F" -- $PY 05_fail
   --misled misled --models teacher,undistillable,improve,rkl --teacher "$TEACHER" --tasks "$TASKS" \
   --out_dir "$F" "${SD[@]}" "${GEN[@]}" "${S05[@]}"
 X=$R/extras
+if [ "$PRESET" = toy ]; then  # the fork probe: where H commits and H2 verifies again, which way each model goes
+  PM="teacher=$TEACHER,distillable=$CAL/distillable/merged,undistillable=$CAL/undistillable/merged,student=$STUDENT"
+  PM+=",sft=$D/sft_original/model,rkl=$D/rkl_original/model,improve=$D/rkl_distillable/model,misled=$D/rkl_undistillable/model"
+  [ "$EXTRAS" = 1 ] && PM+=",sft_undistillable=$D/sft_undistillable/model,fkl_undistillable=$D/fkl_undistillable/model"
+  stage probe "$R/probe/probe.json" "$R/probe" -- $PY probe.py --models "$PM" --data "$W/data" --out_dir "$R/probe" \
+    $([ "$SMOKE" = 1 ] && echo --n_prompts 8)
+fi
 if [ "$EXTRAS" = 1 ]; then
   KM="teacher=$TEACHER"
   for lam in $LAMS; do KM+=",teacher_lam_$lam=$CAL/lam_$lam/merged,student_lam_$lam=$D/rkl_lam_$lam/model"; done

@@ -117,7 +117,7 @@ def umount(path):
 # ----------------------------------------------------------------------------- help
 
 @pytest.mark.parametrize("script", ["00_toy_world.py", "01_pilot_kl.py", "02_calibrate.py", "03_distill.py", "04_eval.py",
-                                    "05_failure_modes.py", "report.py"])
+                                    "05_failure_modes.py", "probe.py", "report.py"])
 def test_help_of_every_stage_prints_its_options(script):
     """00's --help died on a bare '%' in a help string (argparse formats them)."""
     r = stage(script, "--help")
@@ -213,7 +213,7 @@ def test_diverged_from_the_start_keeps_nothing_and_says_start_over(world, tmp_pa
 # ----------------------------------------------------------------------------- OS errors: read-only, disk full
 
 @pytest.mark.parametrize("script", ["00_toy_world.py", "01_pilot_kl.py", "02_calibrate.py", "03_distill.py", "04_eval.py",
-                                    "05_failure_modes.py"])
+                                    "05_failure_modes.py", "probe.py"])
 def test_a_read_only_out_dir_is_one_line(world, tmp_path, script):
     ro = tmp_path / "ro"
     mount_tmpfs(ro, "1m", ro=True)
@@ -223,7 +223,8 @@ def test_a_read_only_out_dir_is_one_line(world, tmp_path, script):
                 "02_calibrate.py": models02(world) + SMALL02,
                 "03_distill.py": models03(world) + SMALL03,
                 "04_eval.py": ["--models", f"s={world / 'student'}", "--data", world / "data"],
-                "05_failure_modes.py": ["--samples", tmp_path, "--base", "s", "--misled", "m"]}[script]
+                "05_failure_modes.py": ["--samples", tmp_path, "--base", "s", "--misled", "m"],
+                "probe.py": ["--models", f"s={world / 'student'}", "--data", world / "data"]}[script]
         line = one_error_line(stage(script, *args, "--out_dir", ro / "out"))
         assert str(ro / "out") in line and "Read-only file system" in line and "EROFS" in line, line
     finally:
@@ -369,5 +370,5 @@ def test_redo_one_stage_redoes_the_stages_that_read_its_outputs_and_no_others(sm
     r = run("bash", "run_all.sh", env={"SMOKE": "1", "RUN": name, "REDO": "03_distill_rkl_original"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ran = [x.split()[1] for x in r.stdout.splitlines() if x.startswith("== ") and not x.startswith("== skip")]
-    # 04's Table 2 evaluates the rkl student; 05 reads 04's samples
-    assert ran == ["03_distill_rkl_original", "04_eval_table2", "05_failure"], r.stdout
+    # 04's Table 2 evaluates the rkl student; 05 reads 04's samples; the fork probe reads the rkl student
+    assert ran == ["03_distill_rkl_original", "04_eval_table2", "05_failure", "probe"], r.stdout

@@ -238,3 +238,39 @@ def test_style_gate_reports_what_its_samples_and_first_token_say(tok):
         assert res[mode]["finished"] == round(sum(o["finished"] for o in outs) / len(outs), 4)
         assert 0 <= res[mode]["acc"] <= res[mode]["finished"]
     assert 0 <= res["free"]["checked_share"] <= 1 and "checked_share" not in res["H"]
+
+
+def test_branch_probs_are_the_next_token_probabilities_where_the_references_part(tok):
+    """Batched, left-padded: each row's two probabilities equal a plain forward of that row alone, at the
+    first token where its two references differ; a pair that never parts is refused."""
+    import torch
+    from conftest import tiny_llama
+    model = tiny_llama(len(tok), 32, 2, seed=6, tok=tok)
+    rows = [{"prompt": "1+2?", "answer": "3", "meta": {"reference": {"H": "ok 3\n#### 3", "H2": "ok 3\nagain 3\n#### 3"}}},
+            {"prompt": "a longer question", "answer": "5", "meta": {"reference": {"H": "x\n#### 5", "H2": "x\nmore\n#### 5"}}}]
+    pr, keep = common.branch_probs(model, tok, "toy_math", rows, "H", "H2", batch_size=2)
+    assert keep == [0, 1] and pr.shape == (2, 2)
+    for j, r in enumerate(rows):
+        p = tok(common.build_prompt(tok, "toy_math", r), add_special_tokens=False)["input_ids"]
+        ia, ib = (tok(r["meta"]["reference"][s], add_special_tokens=False)["input_ids"] for s in ("H", "H2"))
+        k = next(i for i in range(len(ia)) if ia[i] != ib[i])
+        with torch.no_grad():
+            q = torch.softmax(model(input_ids=torch.tensor([p + ia[:k]])).logits[0, -1].float(), -1)
+        assert torch.allclose(pr[j], torch.stack([q[ia[k]], q[ib[k]]]), atol=1e-6)
+    same = [{"prompt": "q", "answer": "1", "meta": {"reference": {"H": "#### 1", "H2": "#### 1"}}}]
+    with pytest.raises(common.BadInput, match="do not part"):
+        common.branch_probs(model, tok, "toy_math", same)
+
+
+def test_probe_writes_each_models_fork_probabilities(world, tmp_path):
+    out = tmp_path / "probe"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "--data", str(world / "data"), "--out_dir", str(out),
+                        "--n_prompts", "8", "--models", f"teacher={world / 'teacher'},student={world / 'student'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "probe.json").read_text())
+    for m in ("teacher", "student"):
+        assert 0 < res[m]["n"] <= 8 and 0 <= res[m]["p_commit"] + res[m]["p_verify"] <= 1 + 1e-6
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "probe.py"), "--data", str(world / "data"), "--out_dir", str(tmp_path / "b"),
+                          "--models", f"student={world / 'nothing'}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --models student:"), bad.stderr
