@@ -127,10 +127,8 @@ budget = args.max_new_tokens_per_task
 # torchrun: one rank per GPU (or CPU process), each with a contiguous 1/N of every batch (common.rank_slice)
 rank, world, device = common.dist_setup(args.device)
 args.world_size = world
-if world > 1 and (args.batch_size % world or args.backend == "vllm"):
-    common.die(f"torchrun with {world} ranks: " + (
-               "--backend vllm is one process only for now (one engine per rank is not built; use --backend hf)"
-               if args.backend == "vllm" else f"--batch_size {args.batch_size} must be a multiple of the {world} ranks"))
+if world > 1 and args.batch_size % world:
+    common.die(f"torchrun with {world} ranks: --batch_size {args.batch_size} must be a multiple of the {world} ranks")
 # full fine-tuning shards the student (FSDP2); a LoRA student is replicated (the frozen base is only read) and its
 # adapter's gradients are summed over the ranks once per step, as 02 does
 sharded = world > 1 and not args.lora
@@ -143,7 +141,7 @@ cfg = common.write_config(args.out_dir, args) if rank == 0 else vars(args)
 common.seed_everything(args.seed)
 if args.threads:  # on an oversubscribed CPU, 2 spinning threads per process ran 15x slower than 1 here
     torch.set_num_threads(args.threads)
-backend = common.resolve_backend(args.backend) if world == 1 else "hf"
+backend = common.resolve_backend(args.backend)  # torchrun + vllm: an engine per rank (common.vllm_rank_options)
 BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": args.beta}.get(args.method)  # None for sft
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 t_start = time.time()
@@ -202,7 +200,7 @@ def teacher_pool():
         tps = [x["tp"] for x in train]
         eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, max(budget.values())))
         outs = common.generate_by_budget(None, ttok, tps, [budget[x["task"]] for x in train], n=args.teacher_samples,
-                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
+                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng, spread=True)
         del eng
         common.release_memory()
     else:
