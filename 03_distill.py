@@ -43,8 +43,10 @@ sums per micro-batch, one division by the batch's token count) and --grad_ckpt a
 models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The vLLM path (a colocated
 engine in this process for on-policy samples, weights pushed after every optimizer step, no rebuild)
 runs in CI on the CPU with vLLM's CPU build (BACKEND=vllm SMOKE=1 bash run_all.sh).
-N GPUs on one node: torchrun --standalone --nproc_per_node N 03_distill.py ... (FSDP2, the hf backend; the same
-steps and weights as one process, --batch_size divisible by N; CPU/gloo tested, CUDA/NCCL not yet run).
+N GPUs on one node: torchrun --standalone --nproc_per_node N 03_distill.py ... (--batch_size divisible by N): the
+student sharded with FSDP2, or with --lora replicated with its adapter's gradients summed; --backend vllm builds
+one engine per rank (vLLM's external_launcher). The same steps and weights as one process; CPU/gloo tested
+(vLLM with its CPU build), CUDA/NCCL not yet run.
 """
 import argparse
 import json

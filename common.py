@@ -1349,6 +1349,7 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
         kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
     if world()[1] > 1:
         kw = {**vllm_rank_options(gpu_memory_utilization, cuda), **kw}
+        vllm_keep_torch_group()
     from transformers import AutoConfig
     window = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 10**9
     max_model_len = min(max_model_len, window)  # vLLM refuses a longer one; requests are capped to the window instead
@@ -1388,16 +1389,15 @@ def release_memory():
     the next engine starts clean and finds the memory free (in-process engines have leaked GPU memory
     before: vLLM issue #21073; make_vllm_engine stops with one line if the memory is not back). Under torchrun
     the training's process group outlives the engine (vllm_keep_torch_group)."""
-    with vllm_keep_torch_group() if world()[1] > 1 and "vllm" in sys.modules else contextlib.nullcontext():
-        gc.unfreeze()
-        gc.collect()
-        if "vllm" in sys.modules:
-            torch._dynamo.reset()
-            from vllm.platforms import current_platform
-            if getattr(type(current_platform), "_global_graph_pool", None) is not None:
-                type(current_platform)._global_graph_pool = None
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-            cleanup_dist_env_and_memory()
+    gc.unfreeze()
+    gc.collect()
+    if "vllm" in sys.modules:
+        torch._dynamo.reset()
+        from vllm.platforms import current_platform
+        if getattr(type(current_platform), "_global_graph_pool", None) is not None:
+            type(current_platform)._global_graph_pool = None
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        cleanup_dist_env_and_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -1414,20 +1414,19 @@ def vllm_leave_groups():
         ps._WORLD = None
 
 
-@contextlib.contextmanager
 def vllm_keep_torch_group():
-    """While an engine is freed under torchrun: vLLM's engine teardown (EngineCore.shutdown ->
-    cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/distributed/parallel_state.py) also
-    destroys torch's default process group, which FSDP2 and our all-reduces still use. vLLM's groups are left
-    here, and its destroy_distributed_environment does nothing meanwhile (ours has nothing left to do)."""
+    """torchrun, before the first engine: a freed engine's teardown (`del engine` runs EngineCore.shutdown ->
+    cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/distributed/parallel_state.py) would also
+    destroy torch's default process group, which FSDP2, our all-reduces and the next engine still use. For the
+    rest of this process vLLM's destroy_distributed_environment destroys vLLM's own world group only; torch's
+    default group is ours to end (dist_teardown)."""
     from vllm.distributed import parallel_state as ps
-    vllm_leave_groups()
-    orig = ps.destroy_distributed_environment
-    ps.destroy_distributed_environment = lambda: None
-    try:
-        yield
-    finally:
-        ps.destroy_distributed_environment = orig
+
+    def destroy_vllm_world_only():
+        if ps._WORLD is not None:
+            ps._WORLD.destroy()
+            ps._WORLD = None
+    ps.destroy_distributed_environment = destroy_vllm_world_only
 
 
 def _worker_load_weights(worker, weights):
