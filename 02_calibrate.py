@@ -54,7 +54,8 @@ Departures from the paper and why:
 - The paper's LoRA rank/alpha/lr are for 8B models and not in its text; the toy defaults here were
   chosen on seed 0 of the toy world (docs/RESULTS.md), the real presets' in run_all.sh.
 N GPUs on one node: torchrun --standalone --nproc_per_node N 02_calibrate.py ... (data parallel over whole prompt
-groups, LoRA gradients summed; the same steps as one process; CPU/gloo tested, CUDA/NCCL not yet run).
+groups, LoRA gradients summed; --backend vllm: an engine per rank, each step's adapter written by rank 0; the
+same steps as one process; CPU/gloo tested, vLLM with its CPU build, CUDA/NCCL not yet run).
 """
 import argparse
 import contextlib
@@ -127,9 +128,9 @@ common.check_flags(args, counts=("group_size", "prompts_per_step", "max_new_toke
 # torchrun: one rank per GPU (or CPU process), each with whole prompt groups (group normalization stays on one rank)
 rank, world, device = common.dist_setup(args.device)
 args.world_size = world
-if world > 1 and (args.prompts_per_step % world or args.backend == "vllm"):
-    common.die(f"torchrun with {world} ranks: " + ("--backend vllm is one process only for now (use --backend hf)" if args.backend == "vllm"
-               else f"--prompts_per_step {args.prompts_per_step} must be a multiple of the {world} ranks (a group stays on one rank)"))
+if world > 1 and args.prompts_per_step % world:
+    common.die(f"torchrun with {world} ranks: --prompts_per_step {args.prompts_per_step} must be a multiple of the {world} ranks "
+               "(a group stays on one rank)")
 ckpt_dir = os.path.join(args.out_dir, "ckpt")
 if common.checkpoint_file(ckpt_dir):
     common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr, or another N, is allowed)
@@ -144,7 +145,7 @@ if device.type == "cpu" and args.threads:
     # shared cores two threads spin against each other (measured: a 64-rollout generate took 17 CPU-s
     # with 2 threads vs 1.9 with 1 while other jobs loaded the machine)
     torch.set_num_threads(args.threads)
-backend = common.resolve_backend(args.backend) if world == 1 else "hf"
+backend = common.resolve_backend(args.backend)  # torchrun + vllm: an engine per rank (common.vllm_rank_options)
 P, G = args.prompts_per_step, args.group_size
 MB = args.micro_batch or P * G
 for t in args.tasks:
@@ -195,7 +196,9 @@ if backend == "vllm":  # colocated engine, created once; the LoRA travels per st
     every = [common.build_prompt(tok, t, r) for t, r in pool] + [common.build_prompt(tok, t, r) for t in held for r in held[t]]
     engine = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(tok, every, max(budget.values())),
                                      enable_lora=True, max_lora_rank=args.lora_r)
-    shutil.rmtree(lora_dir, ignore_errors=True)  # an earlier run's adapters: other weights under the same step numbers
+    if rank == 0:
+        shutil.rmtree(lora_dir, ignore_errors=True)  # an earlier run's adapters: other weights under the same step numbers
+lora_saved = [None]  # the step whose adapter lora_dir holds
 
 
 def lora_request(step):
@@ -204,9 +207,12 @@ def lora_request(step):
     if engine is None:
         return None
     path = os.path.join(lora_dir, str(step))
-    if not os.path.isdir(path):
-        model.save_pretrained(path)
-        shutil.rmtree(os.path.join(lora_dir, str(step - 1)), ignore_errors=True)
+    if lora_saved[0] != step:  # decided alike on every rank (torchrun: every engine reads what rank 0 wrote, after the barrier)
+        if rank == 0:
+            model.save_pretrained(path)
+            shutil.rmtree(os.path.join(lora_dir, str(step - 1)), ignore_errors=True)
+        common.barrier()
+        lora_saved[0] = step
     return LoRARequest(f"calib{step}", step + 1, path)
 
 
@@ -226,7 +232,8 @@ def rollouts(rows, n, seed, greedy, step, use_lora=True):
     phase[:] = [None, time.time()]  # the sampler prints its own progress
     if engine is not None:
         return prompts, common.generate_by_budget(None, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed,
-                                                  backend="vllm", engine=engine, lora_request=lora_request(step) if use_lora else None)
+                                                  backend="vllm", engine=engine, lora_request=lora_request(step) if use_lora else None,
+                                                  spread=True)
     with contextlib.nullcontext() if use_lora else model.disable_adapter():
         return prompts, common.generate_by_budget(model, tok, prompts, budgets, n=n, temperature=1.0, greedy=greedy, seed=seed,
                                                   batch_size=args.gen_batch, spread=True)

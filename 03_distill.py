@@ -43,8 +43,10 @@ sums per micro-batch, one division by the batch's token count) and --grad_ckpt a
 models (PRESET=qwen3 / gemma3 in run_all.sh use --micro_batch 4 --grad_ckpt). The vLLM path (a colocated
 engine in this process for on-policy samples, weights pushed after every optimizer step, no rebuild)
 runs in CI on the CPU with vLLM's CPU build (BACKEND=vllm SMOKE=1 bash run_all.sh).
-N GPUs on one node: torchrun --standalone --nproc_per_node N 03_distill.py ... (FSDP2, the hf backend; the same
-steps and weights as one process, --batch_size divisible by N; CPU/gloo tested, CUDA/NCCL not yet run).
+N GPUs on one node: torchrun --standalone --nproc_per_node N 03_distill.py ... (--batch_size divisible by N): the
+student sharded with FSDP2, or with --lora replicated with its adapter's gradients summed; --backend vllm builds
+one engine per rank (vLLM's external_launcher). The same steps and weights as one process; CPU/gloo tested
+(vLLM with its CPU build), CUDA/NCCL not yet run.
 """
 import argparse
 import json
@@ -127,10 +129,11 @@ budget = args.max_new_tokens_per_task
 # torchrun: one rank per GPU (or CPU process), each with a contiguous 1/N of every batch (common.rank_slice)
 rank, world, device = common.dist_setup(args.device)
 args.world_size = world
-if world > 1 and (args.batch_size % world or args.lora or args.backend == "vllm"):
-    common.die(f"torchrun with {world} ranks: " + ("--lora is one process only for now (use full fine-tuning)" if args.lora else
-               "--backend vllm is one process only for now (one engine per rank is not built; use --backend hf)"
-               if args.backend == "vllm" else f"--batch_size {args.batch_size} must be a multiple of the {world} ranks"))
+if world > 1 and args.batch_size % world:
+    common.die(f"torchrun with {world} ranks: --batch_size {args.batch_size} must be a multiple of the {world} ranks")
+# full fine-tuning shards the student (FSDP2); a LoRA student is replicated (the frozen base is only read) and its
+# adapter's gradients are summed over the ranks once per step, as 02 does
+sharded = world > 1 and not args.lora
 ckpt_dir = os.path.join(args.out_dir, "ckpt")
 if common.checkpoint_file(ckpt_dir):
     common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr, or another N, is allowed)
@@ -140,7 +143,7 @@ cfg = common.write_config(args.out_dir, args) if rank == 0 else vars(args)
 common.seed_everything(args.seed)
 if args.threads:  # on an oversubscribed CPU, 2 spinning threads per process ran 15x slower than 1 here
     torch.set_num_threads(args.threads)
-backend = common.resolve_backend(args.backend) if world == 1 else "hf"
+backend = common.resolve_backend(args.backend)  # torchrun + vllm: an engine per rank (common.vllm_rank_options)
 BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": args.beta}.get(args.method)  # None for sft
 metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 t_start = time.time()
@@ -162,7 +165,7 @@ if args.lora:
     student = get_peft_model(student, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
 student.train()
-if world > 1:  # after peft and checkpointing, before the optimizer (its parameters become DTensor shards)
+if sharded:  # after checkpointing, before the optimizer (its parameters become DTensor shards)
     common.fsdp_shard(student, device)
 params = [q for q in student.parameters() if q.requires_grad]
 # fused on CUDA: one kernel, and no full-size temporary at step() (foreach's sqrt of the second moment)
@@ -199,7 +202,7 @@ def teacher_pool():
         tps = [x["tp"] for x in train]
         eng = common.make_vllm_engine(args.teacher, seed=args.seed, max_model_len=common.vllm_max_len(ttok, tps, max(budget.values())))
         outs = common.generate_by_budget(None, ttok, tps, [budget[x["task"]] for x in train], n=args.teacher_samples,
-                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng)
+                                         temperature=args.temperature, seed=args.seed, backend="vllm", engine=eng, spread=True)
         del eng
         common.release_memory()
     else:
@@ -247,7 +250,7 @@ def save_ckpt(meta):
     """ckpt/: the trainable weights (all of them, or the LoRA adapter), optimizer and meta (step, RNG,
     cursors, band history) as they were at the start of step meta["step"] + 1 (common.save_checkpoint:
     atomic, the previous checkpoint kept until this one is whole)."""
-    if world > 1:  # gathered on rank 0 in the one-process format: resumes on any number of ranks
+    if sharded:  # gathered on rank 0 in the one-process format: resumes on any number of ranks
         weights, optim = common.gather_full_state(student, opt)
     else:
         weights, optim = {n: q.detach().cpu() for n, q in student.named_parameters() if q.requires_grad}, opt.state_dict()
@@ -258,12 +261,14 @@ def save_ckpt(meta):
 def save_model():
     """model/: a plain HF folder (LoRA merged) with the student's tokenizer, loadable by 01/04."""
     m = student.merge_and_unload() if args.lora else student
-    if world > 1:  # the full weights into a plain copy on rank 0
+    if sharded:  # the full weights into a plain copy on rank 0
         sd = common.gather_full_model(student)
         if rank:
             return
         m = common.load_model(args.student, "cpu", dtype=torch.float32)
         m.load_state_dict(sd)
+    elif rank:  # a replicated (LoRA) student: every rank holds the same merged weights, rank 0 writes them
+        return
 
     def write(d):
         m.save_pretrained(d)
@@ -295,7 +300,7 @@ band = {}  # recent good losses and grad norms (common.band_check): which weight
 start, rng = 0, None
 ck = common.load_checkpoint(ckpt_dir)
 if ck:
-    if world > 1:  # every rank reads the file and keeps its shard
+    if sharded:  # every rank reads the file and keeps its shard
         common.load_full_state(student, opt, ck["weights"], ck["optimizer"])
     else:
         student.load_state_dict({k: v.to(device) for k, v in ck["weights"].items()}, strict=False)
@@ -381,6 +386,8 @@ for step in range(start + 1, args.steps + 1):
         part.backward()
         loss += part.item()
     loss = common.all_sum(loss)
+    if world > 1 and not sharded:  # the replicated LoRA: each rank's parts are divided by the global token count, so the sum is exact
+        common.all_sum_grads(params)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor, the global norm
     kind = "on" if onpolicy else "off"  # on- and off-policy losses differ in scale: each kind has its own band

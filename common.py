@@ -1242,8 +1242,11 @@ def generate(model, tokenizer, prompts, n=1, max_new_tokens=256, temperature=1.0
     vLLM a per-request seed derived the same way, so a run is reproducible and different seeds give
     different samples. spread=True under torchrun (a collective: every rank calls it with the same arguments):
     rank r samples batches r, r + W, ... and every rank gets the whole list, which is then the one-process
-    list exactly (same batches, same seeds); the hf backend only."""
+    list exactly (same batches, same seeds). The vLLM backend spreads the same way (vllm_spread): rank r's
+    engine samples its contiguous share of the prompts with the request seeds one process gives those prompts."""
     if backend == "vllm":
+        if spread and world()[1] > 1:
+            return vllm_spread(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
         return _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request)
     rank, ws = world() if spread else (0, 1)
     was_training = model.training
@@ -1287,9 +1290,23 @@ def generate_by_budget(model, tokenizer, prompts, budgets, n=1, seed=0, **kw):
     return sorted(res, key=lambda o: o["i"])  # stable: each prompt's samples keep their order
 
 
-def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
+def vllm_spread(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request):
+    """torchrun, one engine per rank (a collective: every rank calls it with the same arguments): rank r samples
+    prompts [r * P / W, (r + 1) * P / W), each with the request seed of its index in the whole list, and every
+    rank gets the whole list in one-process order. Equal to one process where vLLM's sampling of a request does
+    not depend on the other requests in its batch (tests/test_vllm.py checks it on the CPU build)."""
+    rank, ws = world()
+    a, b = rank * len(prompts) // ws, (rank + 1) * len(prompts) // ws
+    mine = _vllm_generate(engine, tokenizer, prompts[a:b], n, max_new_tokens, temperature, greedy, seed, lora_request, first=a)
+    return [o for part in all_gather_objects(mine) for o in part]
+
+
+def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, greedy, seed, lora_request, first=0):
     """Token-id prompts (tokenized here exactly as the hf backend does: no added BOS on top of the
-    chat template's) and texts decoded with the same tokenizer, so both backends return the same fields."""
+    chat template's) and texts decoded with the same tokenizer, so both backends return the same fields.
+    first: the index of prompts[0] in the whole list (vllm_spread): request seeds and "i" count from it."""
+    if not prompts:  # a rank whose share is empty
+        return []
     if engine is None:
         die("backend vllm needs an engine: make_vllm_engine(path) once per stage")
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -1304,13 +1321,13 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
     # vLLM seeds sample j of a request with seed + j, so request seeds are n apart (52 bits times n stays within
     # the 64 bits a torch generator takes): no two samples share noise
     sps = [SamplingParams(n=n, max_tokens=r, temperature=0.0 if greedy else temperature,
-                          seed=derive_seed(seed, "vllm_request", i, bits=52) * n, detokenize=False) for i, r in enumerate(room)]
+                          seed=derive_seed(seed, "vllm_request", first + i, bits=52) * n, detokenize=False) for i, r in enumerate(room)]
     outs = engine.generate([{"prompt_token_ids": x} for x in ids], sps, lora_request=lora_request, use_tqdm=False)
     res = []
     for i, o in enumerate(outs):
         for c in o.outputs:
             c_ids = list(c.token_ids)
-            res.append({"i": i, "text": tokenizer.decode(c_ids, skip_special_tokens=True), "ids": c_ids,
+            res.append({"i": first + i, "text": tokenizer.decode(c_ids, skip_special_tokens=True), "ids": c_ids,
                         "finished": c.finish_reason == "stop"})
     return res
 
@@ -1432,7 +1449,8 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     would not fit. vLLM accepts LoRA ranks 8, 16, 32, ...: a smaller adapter rank is served with
     max_lora_rank 8. vLLM's worker reseeds this process's global RNGs with `seed`; the caller's state is
     put back, so a resumed run's random stream goes on as it was. dtype None: bf16 on CUDA, fp32 on CPU
-    (as default_dtype for the HF models)."""
+    (as default_dtype for the HF models). Under torchrun every rank builds its own engine, together (a
+    collective): vllm_rank_options."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # vLLM 0.31 picks its V2 model runner where Triton exists (CUDA); the CPU build, where CI runs every
     # vLLM path here, uses the V1 runner: keep CUDA on the runner that was tested (set it to 1 to try V2)
@@ -1453,6 +1471,9 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
     else:  # vLLM's CPU build: a prefill split across scheduler steps rewinds its request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"): whole prefills only
         kw = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len), **kw}
+    if world()[1] > 1:
+        kw = {**vllm_rank_options(gpu_memory_utilization, cuda), **kw}
+        vllm_keep_torch_group()
     from transformers import AutoConfig
     window = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 10**9
     max_model_len = min(max_model_len, window)  # vLLM refuses a longer one; requests are capped to the window instead
@@ -1463,6 +1484,20 @@ def make_vllm_engine(path, seed=0, max_model_len=4096, gpu_memory_utilization=0.
                                dtype=dtype, **kw), max_model_len, window)
     finally:
         set_rng_state(rng)
+
+
+def vllm_rank_options(gpu_memory_utilization, cuda):
+    """torchrun: the engine options of one rank's engine. vLLM's external_launcher executor runs the engine in
+    this process and joins torchrun's process group (RANK, LOCAL_RANK); tensor_parallel_size 1 makes each rank an
+    engine of its own (no vLLM collectives while sampling; vllm_spread gives each its prompts). On CUDA each rank
+    has its own GPU, so the share stays a share of it. On the CPU the share is of the machine's RAM, which the W
+    engines split: the KV cache gets share / W of it, explicitly (vLLM's CPU worker would otherwise ask each engine
+    for the whole share, less what its process holds, and W engines of a busy machine do not fit)."""
+    opts = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+    if not cuda:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        opts["kv_cache_memory_bytes"] = int(gpu_memory_utilization * ram / world()[1])
+    return opts
 
 
 def _with_limit(engine, max_model_len, window=10**9):
@@ -1476,7 +1511,8 @@ def release_memory():
     (frozen cycles are never collected), drop torch.compile's graphs (they hold the weights) and the
     process-wide CUDA-graph memory pool, and tear down its distributed state and environment cache, so
     the next engine starts clean and finds the memory free (in-process engines have leaked GPU memory
-    before: vLLM issue #21073; make_vllm_engine stops with one line if the memory is not back)."""
+    before: vLLM issue #21073; make_vllm_engine stops with one line if the memory is not back). Under torchrun
+    the training's process group outlives the engine (vllm_keep_torch_group)."""
     gc.unfreeze()
     gc.collect()
     if "vllm" in sys.modules:
@@ -1490,6 +1526,33 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
+def vllm_leave_groups():
+    """torchrun: destroy the process groups vLLM built over torch's default group when this rank's engine started
+    (its world and model-parallel groups), and only those. A collective: every rank calls it. Needed before the
+    next engine (vLLM asserts its groups are gone) and before dist_teardown (after it, vLLM's own teardown at exit
+    would destroy groups that no longer exist: 'Invalid process group specified')."""
+    from vllm.distributed import parallel_state as ps
+    ps.destroy_model_parallel()
+    if ps._WORLD is not None:
+        ps._WORLD.destroy()
+        ps._WORLD = None
+
+
+def vllm_keep_torch_group():
+    """torchrun, before the first engine: a freed engine's teardown (`del engine` runs EngineCore.shutdown ->
+    cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/distributed/parallel_state.py) would also
+    destroy torch's default process group, which FSDP2, our all-reduces and the next engine still use. For the
+    rest of this process vLLM's destroy_distributed_environment destroys vLLM's own world group only; torch's
+    default group is ours to end (dist_teardown)."""
+    from vllm.distributed import parallel_state as ps
+
+    def destroy_vllm_world_only():
+        if ps._WORLD is not None:
+            ps._WORLD.destroy()
+            ps._WORLD = None
+    ps.destroy_distributed_environment = destroy_vllm_world_only
+
+
 def _worker_load_weights(worker, weights):
     # reload_weights (vLLM >= 0.22) loads layer by layer and reruns each layer's post-load processing (the plain
     # model.load_weights fails where a backend repacks weights after loading: vLLM's CPU build, every linear
@@ -1497,18 +1560,25 @@ def _worker_load_weights(worker, weights):
     worker.reload_weights(weights_iterator=weights)
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2's DTensor shard -> the whole tensor
+
+
 def vllm_sync_weights(engine, model):
     """Push an HF model's current weights into a running colocated engine, in place (no rebuild).
     vLLM's reload_weights takes (name, tensor) pairs in HF naming. A peft LoRA model is merged for the
     push and unmerged after, under its base model's names (no copy: the engine copies the tensors).
     Then the prefix cache is emptied: its blocks hold keys and values computed with the old weights,
-    which the same prompts would reuse."""
+    which the same prompts would reuse. An FSDP2 model (torchrun) hands over one whole parameter at a time:
+    each is all-gathered (full_tensor, a collective: every rank walks the same state dict in the same order) as
+    the engine reads it, so about one parameter is in flight, not a second full copy of the model."""
     lora = hasattr(model, "merge_adapter") and hasattr(model, "unmerge_adapter")  # peft, not a plain HF model
     if lora:
         model.merge_adapter()
     try:
-        weights = [(name.replace("base_model.model.", "").replace(".base_layer", ""), p.detach())
-                   for name, p in model.state_dict().items() if not (lora and "lora_" in name)]
+        weights = ((name.replace("base_model.model.", "").replace(".base_layer", ""), _full(p.detach()))
+                   for name, p in model.state_dict().items() if not (lora and "lora_" in name))
+        # in-process engine (one executor, no pickling): the generator reaches reload_weights as it is
         engine.collective_rpc(_worker_load_weights, args=(weights,))
     finally:
         if lora:
@@ -2115,6 +2185,8 @@ def dist_teardown():
     if world()[1] > 1:
         import torch.distributed as dist
         dist.barrier()
+        if "vllm.distributed.parallel_state" in sys.modules:  # an engine ran on this rank: its groups go first
+            vllm_leave_groups()
         dist.destroy_process_group()
 
 

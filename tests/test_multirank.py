@@ -87,6 +87,25 @@ def test_03_rkl_on_two_ranks_matches_one_process_and_resumes_on_two_or_one(tiny_
                     tmp_path / "two_then_one" / "model" / "model.safetensors")
 
 
+def test_03_lora_on_two_ranks_matches_one_process_and_resumes(tiny_dirs, data, tmp_path):
+    """--lora under torchrun: the student replicated, the adapter's gradients summed over the ranks (02's
+    all_sum_grads); the merged model/ and the per-step numbers as one process, and a 2-rank checkpoint resumes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    lora = ["--lora", 2, "--lr", 1e-2]  # a larger step than full fine-tuning: the adapter must move the merged weights
+    launch("03_distill.py", distill_args(tiny_dirs, data, one, 3) + lora)
+    r = launch("03_distill.py", distill_args(tiny_dirs, data, two, 3) + lora + ["--stop_after", 2], nproc=2)
+    assert "stopping after step 2" in r.stdout and not os.path.exists(two / "model")
+    r = launch("03_distill.py", distill_args(tiny_dirs, data, two, 3) + lora, nproc=2)
+    assert "resumed from" in r.stdout and "at step 1" in r.stdout
+    diff = assert_same_run(one, two, ("loss", "grad_norm", "len"), one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    print(f"03 rkl --lora: 2 ranks vs 1 process, max merged weight diff {diff:.2e}")
+    s1, s2 = (load_json(d / "summary.json") for d in (one, two))
+    assert s1["acc_after"] == s2["acc_after"] and s1["acc_before"] == s2["acc_before"]
+    moved = load_file(one / "model" / "model.safetensors")
+    init = load_file(tiny_dirs / "student" / "model.safetensors")
+    assert max((moved[k] - init[k]).abs().max().item() for k in init) > 100 * TOL  # the adapter did train
+
+
 def test_03_torchrun_refuses_a_batch_that_does_not_split_in_one_line(tiny_dirs, data, tmp_path):
     args = distill_args(tiny_dirs, data, tmp_path / "odd", 1)
     args[args.index("--batch_size") + 1] = 3

@@ -8,7 +8,8 @@ greedy; an in-place weight push changing the engine's output to the new weights'
 rebuild, prefix cache emptied), also through a head tied to the embeddings; a freed engine giving its
 memory back. Engines run in this process, one at a time, as in the stages. The engines that are compared
 with HF greedy run in fp32 so that argmaxes agree token for token; vLLM's LoRA kernels need bf16, so the
-LoRA test has its own bf16 engine."""
+LoRA test has its own bf16 engine. The last test runs 03 under torchrun with an engine per rank (vLLM's
+external_launcher executor) against one process."""
 import copy
 
 import pytest
@@ -181,3 +182,56 @@ def test_a_request_longer_than_the_engine_stops_clearly(setup, tok):
             C.generate(None, tok, prompts, max_new_tokens=512, backend="vllm", engine=engine)
     finally:
         engine.tg_max_model_len = limit
+
+
+def test_03_on_two_ranks_with_an_engine_each_samples_and_trains_as_one_process(tok, two_task_data, tmp_path):
+    """torchrun --nproc_per_node 2 03_distill.py --backend vllm: each rank's engine (external_launcher, its own KV
+    cache) samples its half of the prompts with the request seeds one process gives them, and the FSDP2 student's
+    weights reach both engines after every step. jsd with --lmbda 0.5 at seed 0 flips off, off, on: a teacher
+    engine samples the pool and is freed (torch's process group must survive it), then the student's engine serves
+    the on-policy step 3 after two pushes, and the greedy evals. The same teacher samples token for token, the
+    same per-step numbers and final weights within 1e-5 as one process."""
+    from test_multirank import TOL, assert_same_run, launch, load_json
+    for name, seed in (("student", 7), ("teacher", 8)):  # head_dim 64: the test's other models' reason
+        tiny_llama(len(tok), hidden=256, layers=2, seed=seed, tok=tok).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+
+    def args(out):
+        return ["--method", "jsd", "--teacher", tmp_path / "teacher", "--student", tmp_path / "student", "--data", two_task_data,
+                "--out_dir", out, "--steps", 3, "--batch_size", 4, "--micro_batch", 1, "--n_prompts", 3, "--n_eval", 2,
+                "--max_new_tokens", 6, "--lr", 1e-3, "--save_every", 1, "--seed", 0, "--backend", "vllm", "--vllm_mem", 0.1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch("03_distill.py", args(one))
+    r = launch("03_distill.py", args(two), nproc=2)
+    assert "backend vllm" in r.stdout and "Invalid process group" not in r.stderr
+    assert [row["onpolicy"] for row in common_rows(two)] == [False, False, True]
+    assert load_json(one / "teacher_samples.json") == load_json(two / "teacher_samples.json")
+    diff = assert_same_run(one, two, ("loss", "grad_norm", "len"), one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    print(f"03 jsd --backend vllm: 2 ranks vs 1 process, max weight diff {diff:.2e} (tolerance {TOL})")
+    s1, s2 = (load_json(d / "summary.json") for d in (one, two))
+    assert s1["acc_after"] == s2["acc_after"] and s1["acc_before"] == s2["acc_before"]
+
+
+def common_rows(out):
+    return C.read_jsonl(str(out / "metrics.jsonl"))
+
+
+def test_02_on_two_ranks_with_an_engine_each_matches_one_process(tok, tiny_dirs, two_task_data, tmp_path):
+    """torchrun --nproc_per_node 2 02_calibrate.py --backend vllm: rank 0 writes each step's adapter, every rank's
+    engine serves it as a LoRARequest after a barrier and samples its own prompt groups; the per-step numbers and
+    the adapter as one process."""
+    from test_multirank import assert_same_run, calibrate_args, launch
+    tiny_llama(len(tok), hidden=256, layers=2, seed=8, tok=tok).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+
+    def args(out):
+        a = calibrate_args(tiny_dirs, two_task_data, out, 2) + ["--backend", "vllm"]
+        a[a.index("--teacher") + 1] = tmp_path / "teacher"
+        return a
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch("02_calibrate.py", args(one))
+    r = launch("02_calibrate.py", args(two), nproc=2)
+    assert "backend vllm" in r.stdout and "Invalid process group" not in r.stderr
+    keys = ("loss", "reward_task", "reward_cal", "kl_anchor", "seq_kl_target", "grad_norm", "len")
+    diff = assert_same_run(one, two, keys, one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+    print(f"02 --backend vllm: 2 ranks vs 1 process, max adapter diff {diff:.2e}")
