@@ -317,14 +317,11 @@ else
   S00=(); S01=(); S02=(); S03=(); S04=(); S05=()
 fi
 SD=(--seed "$SEED")
-# NPROC=N: 02 and 03 on N GPUs of this node under torchrun, HF generation with a step's samples spread over the ranks
-# (--gen_batch = a step's sequences / N; one process with the same --gen_batch gives the same numbers); one stage at a time
-PYN=$PY; NP02=(); NP03=()
+# NPROC=N: 02 and 03 on N GPUs of this node under torchrun (each rank samples its share of a step: HF generation
+# batches of a step's sequences / N, or one vLLM engine per rank); one stage at a time
+PYN=$PY
 if [ "${NPROC:-1}" -gt 1 ]; then
-  last() { local v=$2 n=$1; shift 2; while [ $# -gt 1 ]; do [ "$1" = "--$n" ] && v=$2; shift; done; echo "$v"; }  # last --n value, or $2
   PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
-  NP02=(--backend hf --gen_batch $(( $(last prompts_per_step 6 "${REAL02[@]}" "${S02[@]}") * $(last group_size 8 "${REAL02[@]}" "${S02[@]}") / NPROC )))
-  NP03=(--backend hf --gen_batch $(( $(last batch_size 32 "${REAL03[@]}" "${S03[@]}") / NPROC )))
   JOBS=1
 fi
 
@@ -349,7 +346,7 @@ calibrate() {  # calibrate NAME LAM TASKS [extra flags]; CTARGET overrides the t
   local name=$1 lam=$2 tasks=$3; shift 3
   stage "02_calibrate_$name" "$CAL/$name/summary.json $CAL/$name/merged $CAL/$name/adapter" "$CAL/$name" -- $PYN 02_calibrate.py --teacher "$TEACHER" \
     --target "${CTARGET:-$TARGET}" --lam "$lam" --tasks "$tasks" "${DATA[@]}" --out_dir "$CAL/$name" "${SD[@]}" "${GEN[@]}" "${REAL02[@]}" "${S02[@]}" \
-    "${NP02[@]}" "$@"
+    "$@"
 }
 calibrate distillable 1 "$TASKS"
 calibrate undistillable -1 "$TASKS"
@@ -360,7 +357,7 @@ distill() {  # distill NAME METHOD TEACHER TASKS [extra flags]; DSTUDENT overrid
   local name=$1 method=$2 teacher=$3 tasks=$4; shift 4
   stage "03_distill_$name" "$D/$name/model $D/$name/summary.json" "$D/$name" -- $PYN 03_distill.py --method "$method" --teacher "$teacher" \
     --student "${DSTUDENT:-$STUDENT}" --tasks "$tasks" "${DATA[@]}" --out_dir "$D/$name" "${SD[@]}" "${GEN[@]}" "${REAL03[@]}" "${S03[@]}" \
-    "${NP03[@]}" "$@"
+    "$@"
 }
 distill sft_original sft "$TEACHER" "$TASKS" --samples_file "$D/teacher_samples_original.json"
 distill rkl_original rkl "$TEACHER" "$TASKS"
