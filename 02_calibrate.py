@@ -28,25 +28,20 @@ lam -1: seq KL 21.0 -> 95.1, acc 0.98 -> 0.98 / 1.00 -> 0.92, checked 0.52 -> 0.
 tokens, toy_math 0.96 -> 0.26). Part of the KL change is length (the sequence KL sums over tokens);
 --cal_length_norm uses per-token r_cal. All seeds: docs/RESULTS.md.
 
-Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after),
-adapter/ (peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: usable as
---teacher by 01/03/04), ckpt/ (common.save_checkpoint: adapter, optimizer, step, RNG, data cursor;
-a step's adapter is kept only once the next step's loss and grad norm are finite and in band, so a
-diverged run stops naming a good checkpoint; a rerun with the same out_dir and settings resumes from
-it, a new --lr included, other settings are refused), summary.json (lam, greedy held-out
-accuracy per task and the on-policy sequence KL(theta||target) of the original and the calibrated
-teacher, both measured with the adapter unmerged; merge_lost_share: how much of the LoRA's weight
-change the merge into the teacher's dtype rounds away, 0 in fp32, with a warning above 10%: a bf16
-teacher keeps 8 significant bits, so a small-lr update can vanish from merged/).
+Writes out_dir/config.json (first), metrics.jsonl (one line per step, `eval` lines before/after), adapter/
+(peft), merged/ (LoRA merged, plain HF folder with the teacher's tokenizer: --teacher for 01/03/04), ckpt/
+(common.save_checkpoint: adapter, optimizer, step, RNG, data cursor; only in-band steps, so a diverged run
+names a good checkpoint; a rerun with the same settings resumes, a new --lr included) and summary.json
+(greedy held-out accuracy per task and on-policy sequence KL(theta||target), original vs calibrated, with
+the adapter unmerged; merge_lost_share: how much of the LoRA's change a merge into a bf16 teacher rounds
+away, with a warning above 10%).
 
 Departures from the paper and why:
 - One gradient update per fresh batch of rollouts, purely on-policy: the importance ratio is
   exactly 1, so PPO/GRPO ratio clipping would do nothing and is left out (appendix D used TRL's
   GRPO trainer, whose default is also a single update per batch).
-- Rollouts with the HF backend (KV-cached, batched) on CPU. With vLLM (CUDA, or its CPU build) one
-  colocated engine is created once with LoRA enabled, and each step the current adapter is saved and
-  passed as a new LoRARequest id (no engine rebuild). CI runs that path on the CPU with vLLM's CPU
-  build (BACKEND=vllm SMOKE=1 bash run_all.sh).
+- Rollouts: HF (KV-cached, batched), or one colocated vLLM engine with LoRA enabled, each step's adapter
+  passed as a new LoRARequest (no rebuild; CI runs it with vLLM's CPU build).
 - --micro_batch k and --grad_ckpt are for real models (PRESET=qwen3/gemma3 pass 8 and on): the
   128 rollouts of a step do not fit one backward pass of an 8B teacher. Advantages come from whole
   groups first, then each slice adds its part divided by the batch's token count, so the gradient
@@ -57,12 +52,7 @@ N GPUs on one node: torchrun --standalone --nproc_per_node N 02_calibrate.py ...
 groups, LoRA gradients summed; --backend vllm: an engine per rank, each step's adapter written by rank 0; the
 same steps as one process; CPU/gloo tested, vLLM with its CPU build, CUDA/NCCL not yet run).
 """
-import argparse
-import contextlib
-import os
-import shutil
-import sys
-import time
+import argparse, contextlib, os, shutil, sys, time
 
 import numpy as np
 import torch
@@ -177,19 +167,10 @@ print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() f
       f"target {common.n_params(target) / 1e6:.2f}M, backend {backend}, device {device}", flush=True)
 common.note_idle_ranks(P * G, max(1, args.gen_batch // G) * G)  # generate() batches whole prompts
 
-# training prompts: all tasks pooled, a fresh seeded permutation per epoch; the cursor is the
-# number of prompts consumed so far, which is all a resume needs to continue the same order
+# training prompts: all tasks pooled, a fresh seeded permutation per epoch (common.epoch_stream); the cursor is
+# the number of prompts consumed so far, which is all a resume needs to continue the same order
 pool = [(t, r) for t in args.tasks for r in common.load_task(t, "train", data=args.data, **common.data_options(args))]
 held = {t: common.load_task(t, "test", data=args.data, n=args.n_eval, seed=args.seed, **common.data_options(args)) for t in args.tasks}
-
-
-def next_prompts(cursor, n):
-    out = []
-    for c in range(cursor, cursor + n):
-        epoch, i = divmod(c, len(pool))
-        perm = np.random.default_rng(common.derive_seed(args.seed, "prompt_order", epoch)).permutation(len(pool))  # cheap at toy/real sizes
-        out.append(pool[perm[i]])
-    return out
 
 
 engine, lora_dir = None, os.path.join(args.out_dir, "vllm_lora")
@@ -325,7 +306,7 @@ if rng is not None:
 while step < args.steps:
     t0 = time.time()
     meta = {"step": step, "rng": common.rng_state(), "cursor": cursor, "band": {k: list(v) for k, v in band.items()}}
-    rows = next_prompts(cursor, P)
+    rows = [pool[i] for i in common.epoch_stream(args.seed, "prompt_order", len(pool), cursor, P)]
     cursor += P
     # each step's rollouts get their own seed derived from (seed, step): reruns and resumes agree
     prompts, samples = rollouts(rows, G, seed=common.derive_seed(args.seed, "rollouts", step), greedy=False, step=step)

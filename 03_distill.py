@@ -218,18 +218,11 @@ def teacher_pool():
     return samples
 
 
-def take(order_name, n_items, k, state):
-    """k indices from an endless stream of seeded per-epoch permutations; each stream (prompts for
-    on-policy batches, pool samples for off-policy ones) has its own seed, and its cursor is saved in
-    checkpoints, so a resumed run sees exactly the batches it would have seen."""
-    cur = state[order_name]
-    out = []
-    while len(out) < k:
-        epoch, pos = divmod(cur, n_items)
-        perm = np.random.default_rng(common.derive_seed(args.seed, order_name, epoch)).permutation(n_items)
-        out.append(int(perm[pos]))
-        cur += 1
-    state[order_name] = cur
+def take(name, n_items, k, state):
+    """k indices of the stream `name` (prompts for on-policy batches, pool samples for off-policy ones: each its
+    own seed, common.epoch_stream); its cursor is saved in checkpoints."""
+    out = common.epoch_stream(args.seed, name, n_items, state[name], k)
+    state[name] += k
     return out
 
 

@@ -2066,6 +2066,19 @@ def derive_seed(*parts, bits=63):
     return int.from_bytes(digest[:8], "big") >> (64 - bits)
 
 
+def epoch_stream(seed, name, n_items, cursor, k):
+    """Positions cursor .. cursor + k - 1 of an endless stream of per-epoch permutations of range(n_items), epoch e
+    permuted with derive_seed(seed, name, e). A stream is its name; a resumed run needs only its cursor (the
+    number of items taken so far) to see exactly the batches it would have seen. Returns k indices."""
+    out, perm = [], {}
+    for c in range(cursor, cursor + k):
+        epoch, pos = divmod(c, n_items)
+        if epoch not in perm:
+            perm[epoch] = np.random.default_rng(derive_seed(seed, name, epoch)).permutation(n_items)
+        out.append(int(perm[epoch][pos]))
+    return out
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -534,6 +534,18 @@ def test_derive_seed_is_a_stable_hash_of_its_parts_and_separates_streams():
     assert all(0 <= s < 2**63 for s in seeds) and C.derive_seed(0, "x", bits=52) < 2**52
 
 
+
+def test_epoch_stream_is_a_permutation_per_epoch_and_resumes_from_its_cursor():
+    """Each epoch of 7 items takes every index once, in that epoch's seeded order; taking 3 then 12 equals
+    taking 15 at once (a resume needs only the cursor); other names and seeds give other orders."""
+    import numpy as np
+    s = C.epoch_stream(0, "prompt_order", 7, 0, 21)
+    for e in range(3):
+        assert s[7 * e:7 * e + 7] == np.random.default_rng(C.derive_seed(0, "prompt_order", e)).permutation(7).tolist()
+    assert C.epoch_stream(0, "prompt_order", 7, 0, 3) + C.epoch_stream(0, "prompt_order", 7, 3, 12) == s[:15]
+    assert s != C.epoch_stream(0, "sample_cursor", 7, 0, 21) and s != C.epoch_stream(1, "prompt_order", 7, 0, 21)
+
+
 def test_in_band_against_the_median_and_its_spread():
     h = [0.04, 0.05, 0.03, 0.04]  # median 0.04, MAD 0.005: band 0.04 +- 10 * 0.045
     assert C.in_band(0.48, h) and not C.in_band(0.5, h)  # |x - m| <= 0.45
