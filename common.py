@@ -13,7 +13,7 @@ Contents, in this order:
   batching for the world style-mixed pretraining batches for stage 00 (draw_style, style_mix_batches, lm_batch)
   failure modes          repetition loops, self-check flips, format drift, ... (paper 6.5)
   tasks and grading      TASKS (budgets), load_task, build_prompt, extract_answer, grade (strict / lenient)
-  generation             the batched KV-cached HF sampler, generate() for both backends, style_gate, branch_probs
+  generation             the batched KV-cached HF sampler, generate() for both backends, next_token_probs, style_gate, branch_probs
   vLLM engines           one in-process engine at a time, LoRA per request, weight push
   models                 load_model, load_tokenizer, model_stamp
   reward model           scores for open-ended tasks (stage 04)
@@ -1332,6 +1332,26 @@ def _vllm_generate(engine, tokenizer, prompts, n, max_new_tokens, temperature, g
     return res
 
 
+def next_token_probs(model, prefixes, tokens, pad_id=0, batch_size=64):
+    """prefixes: [token ids]; tokens: [[token ids]], K per prefix -> (P, K): the probability the model gives each
+    of a row's tokens right after its prefix. Left-padded batches, positions counted from each row's first real
+    token, so the padding changes nothing; logits only at the last position."""
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(prefixes), batch_size):
+        chunk = prefixes[s:s + batch_size]
+        L = max(map(len, chunk))
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        att = torch.zeros((len(chunk), L), dtype=torch.long)
+        for i, q in enumerate(chunk):
+            ids[i, L - len(q):], att[i, L - len(q):] = torch.tensor(q), 1
+        with torch.no_grad():
+            last = model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=(att.cumsum(-1) - 1).clamp(min=0).to(dev),
+                         logits_to_keep=1).logits[:, -1]  # (B, V)
+        out.append(torch.softmax(last.float(), -1).cpu().gather(1, torch.tensor(tokens[s:s + batch_size])))  # (B, K)
+    return torch.cat(out) if out else torch.zeros((0, len(tokens[0]) if tokens else 0))
+
+
 def style_gate(model, tokenizer, task, rows, openers, check_opener, k, max_new_tokens, seeds, batch_size=64):
     """Does a model handle each solution style? openers: {mode: [text appended to each row's prompt]}
     ("" = free sampling; a style's opener forces that style). Per mode: strict sampled accuracy (T=1, k
@@ -1351,12 +1371,9 @@ def style_gate(model, tokenizer, task, rows, openers, check_opener, k, max_new_t
         if mode == "free":
             res[mode]["checked_share"] = round(sum(opens_with_check(t) for t in texts) / len(texts), 4)
     first = tokenizer(check_opener, add_special_tokens=False)["input_ids"][0]
-    enc = tokenizer(base, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    with torch.no_grad():
-        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        last = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos,
-                     logits_to_keep=1).logits[:, -1]  # (P, V)
-    res["p_first_checked"] = round(torch.softmax(last.float(), -1)[:, first].mean().item(), 4)
+    p = next_token_probs(model, tokenizer(base, add_special_tokens=False)["input_ids"], [[first]] * len(base),
+                         tokenizer.pad_token_id or 0, batch_size=len(base))  # (P, 1), one batch
+    res["p_first_checked"] = round(p.mean().item(), 4)
     return res
 
 
@@ -1378,22 +1395,7 @@ def branch_probs(model, tokenizer, task, rows, a="H", b="H2", batch_size=64):
         if window and len(p) + k >= window:
             continue
         pre.append(p + ia[:k]); nxt.append((ia[k], ib[k])); keep.append(j)
-    out = []
-    for s in range(0, len(pre), batch_size):
-        chunk = pre[s:s + batch_size]
-        L = max(map(len, chunk))
-        ids = torch.full((len(chunk), L), tokenizer.pad_token_id or 0, dtype=torch.long)
-        att = torch.zeros((len(chunk), L), dtype=torch.long)
-        for i, q in enumerate(chunk):  # left-padded: every row's last position is the fork
-            ids[i, L - len(q):], att[i, L - len(q):] = torch.tensor(q), 1
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            last = model(input_ids=ids.to(dev), attention_mask=att.to(dev), position_ids=(att.cumsum(-1) - 1).clamp(min=0).to(dev),
-                         logits_to_keep=1).logits[:, -1]  # (B, V)
-        pr = torch.softmax(last.float(), -1).cpu()
-        tok_ab = torch.tensor(nxt[s:s + batch_size])  # (B, 2)
-        out.append(pr.gather(1, tok_ab))
-    return (torch.cat(out) if out else torch.zeros((0, 2))), keep
+    return next_token_probs(model, pre, nxt, tokenizer.pad_token_id or 0, batch_size), keep
 
 
 # -----------------------------------------------------------------------------

@@ -317,12 +317,12 @@ for t in (sorted({r["task"] for r in guard}) if guard else []):
     base = {"student": acc(t2, "student", t), "student_x": acc(guard, "student_x", t)}
     rows = [(m, b) for m, b in (("sft_undistillable", "student"), ("fkl_undistillable", "student"), ("misled", "student"),
                                 ("fkl_top20_undistillable", "student"), ("misled_xtok", "student"), ("sft_x_undistillable", "student_x"))
-            if acc(t2 + guard, m, t) is not None and base[b]]  # a base of 0 has no half to fall to
+            if acc(both, m, t) is not None and base[b]]  # a base of 0 has no half to fall to
     if rows:
-        hit = [m for m, b in rows if acc(t2 + guard, m, t) <= 0.5 * base[b]]
+        hit = [m for m, b in rows if acc(both, m, t) <= 0.5 * base[b]]
         out.append(f"- guard matrix, {t}: attackers of the undistillable teacher that collapse (at most half their base student): "
                    f"{len(hit)} of {len(rows)} ("
-                   + ", ".join(f"{m} {acc(t2 + guard, m, t):.3f} vs {base[b]:.3f}" for m, b in rows) + ")")
+                   + ", ".join(f"{m} {acc(both, m, t):.3f} vs {base[b]:.3f}" for m, b in rows) + ")")
 # the precondition of every student claim: distillation from the ORIGINAL teacher must move the student
 # at this budget, or there is no signal for calibration to amplify (distillable) or poison (undistillable)
 for t in ttasks:
