@@ -97,8 +97,8 @@ p.add_argument("--eval_every", type=int, default=0, help="held-out eval every N 
 p.add_argument("--save_every", type=int, default=10, help="checkpoint every N steps (and at the end)")
 p.add_argument("--sample_every", type=int, default=10, help="print a decoded rollout every N steps")
 p.add_argument("--stop_after", type=int, default=0, help="exit after this step as if killed (resume tests)")
-p.add_argument("--gen_batch", type=int, default=None, help="sequences per HF generation batch; default 64, under torchrun "
-               "prompts_per_step * group_size / N so every rank samples (samples depend on this, not on N)")
+p.add_argument("--gen_batch", type=int, default=64, help="sequences per HF generation batch; torchrun spreads the batches "
+               "over the ranks: prompts_per_step * group_size / N uses them all (samples depend on this, not on N)")
 p.add_argument("--chunk", type=int, default=1024, help="positions per logits chunk when scoring")
 p.add_argument("--backend", default="auto", help="rollouts: hf, vllm or auto (vllm on CUDA when installed)")
 p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
@@ -121,8 +121,6 @@ args.world_size = world
 if world > 1 and args.prompts_per_step % world:
     common.die(f"torchrun with {world} ranks: --prompts_per_step {args.prompts_per_step} must be a multiple of the {world} ranks "
                "(a group stays on one rank)")
-if args.gen_batch is None:  # torchrun spreads a step's generation batches over the ranks: one batch per rank
-    args.gen_batch = 64 if world == 1 else args.prompts_per_step // world * args.group_size
 ckpt_dir = os.path.join(args.out_dir, "ckpt")
 if common.checkpoint_file(ckpt_dir):
     common.check_resume(args.out_dir, args)  # a resume must be the same run (a new --lr, or another N, is allowed)

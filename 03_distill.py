@@ -97,8 +97,8 @@ p.add_argument("--n_eval", type=int, default=100, help="held-out prompts per tas
 p.add_argument("--eval_every", type=int, default=0, help="greedy eval every N steps (0 = before and after only)")
 p.add_argument("--save_every", type=int, default=20, help="checkpoint every N steps (and at the end)")
 p.add_argument("--stop_after", type=int, default=0, help="exit after this step as if killed (resume tests)")
-p.add_argument("--gen_batch", type=int, default=None, help="sequences per HF generation batch (student samples, eval); "
-               "default 64, under torchrun batch_size / N so every rank samples (samples depend on this, not on N)")
+p.add_argument("--gen_batch", type=int, default=64, help="sequences per HF generation batch (student samples, eval); "
+               "torchrun spreads the batches over the ranks: batch_size / N uses them all (samples depend on this, not on N)")
 p.add_argument("--chunk", type=int, default=512, help="positions per logits chunk in the loss")
 p.add_argument("--backend", default="auto", help="generation: hf | vllm | auto")
 p.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -131,8 +131,6 @@ rank, world, device = common.dist_setup(args.device)
 args.world_size = world
 if world > 1 and args.batch_size % world:
     common.die(f"torchrun with {world} ranks: --batch_size {args.batch_size} must be a multiple of the {world} ranks")
-if args.gen_batch is None:  # torchrun spreads a step's generation batches over the ranks: one batch per rank
-    args.gen_batch = 64 if world == 1 else args.batch_size // world
 # full fine-tuning shards the student (FSDP2); a LoRA student is replicated (the frozen base is only read) and its
 # adapter's gradients are summed over the ranks once per step, as 02 does
 sharded = world > 1 and not args.lora

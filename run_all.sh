@@ -317,8 +317,9 @@ else
   S00=(); S01=(); S02=(); S03=(); S04=(); S05=()
 fi
 SD=(--seed "$SEED")
-# NPROC=N: 02 and 03 on N GPUs of this node under torchrun (each rank samples its share of a step: HF generation
-# batches of a step's sequences / N, or one vLLM engine per rank); one stage at a time
+# NPROC=N: 02 and 03 on N GPUs of this node under torchrun, one stage at a time; with vLLM (the real presets) each
+# rank's engine samples its share of a step; the HF backend keeps --gen_batch's default, so the numbers are one
+# process's on any N
 PYN=$PY
 if [ "${NPROC:-1}" -gt 1 ]; then
   PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
