@@ -163,7 +163,8 @@ lora_params = [q for q in model.parameters() if q.requires_grad]
 opt = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=0.0)
 print(f"teacher {common.n_params(base) / 1e6:.2f}M params, LoRA {sum(q.numel() for q in lora_params) / 1e3:.1f}K trainable, "
       f"target {common.n_params(target) / 1e6:.2f}M, backend {backend}, device {device}", flush=True)
-common.note_idle_ranks(P * G, max(1, args.gen_batch // G) * G)  # generate() batches whole prompts
+if backend == "hf":  # vLLM spreads by prompt, one engine per rank
+    common.note_idle_ranks(P * G, max(1, args.gen_batch // G) * G)  # generate() batches whole prompts
 
 # training prompts: all tasks pooled, a fresh seeded permutation per epoch (common.epoch_stream); the cursor is
 # the number of prompts consumed so far, which is all a resume needs to continue the same order

@@ -178,7 +178,8 @@ for task in args.tasks:
             rows.append({"task": task, "row": r, "sp": common.build_prompt(stok, task, r), "tp": common.build_prompt(ttok, task, r)})
 print(f"{args.method}: {len(train)} train prompts, {len(test)} eval prompts, lmbda {args.lmbda}, beta {BETA}, "
       f"vocab {vocab}, backend {backend}, {common.n_params(student) / 1e6:.2f}M student params", flush=True)
-common.note_idle_ranks(args.batch_size, args.gen_batch)
+if backend == "hf":  # vLLM spreads by prompt, one engine per rank
+    common.note_idle_ranks(args.batch_size, args.gen_batch)
 
 
 # ----------------------------------------------------------------------------- helpers
